@@ -1,0 +1,6 @@
+"""Put tests/ on sys.path so test files can import shared helpers (e.g. ``tiny_pipelines``)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
