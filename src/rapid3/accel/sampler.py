@@ -1,0 +1,197 @@
+"""The one sampler loop: rectified-flow Euler with classifier-free guidance, driven per sample by a
+controller, with sub-batching so that no skipped work is computed and cost accounting as it runs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from ..backbones.base import Backbone, Conditioning, TimeSchedule
+from .actions import Actions, Controller, Observation
+from .costs import SampleStats, StepRecord
+from .sparse_attention import NUM_SPARSE_LEVELS
+
+
+@dataclass
+class SampleResult:
+    """Final latents, per-sample cost accounting, and (if asked) every observation and decision."""
+
+    latents: torch.Tensor
+    stats: SampleStats
+    trace: list[tuple[Observation, Actions]] = field(default_factory=list, repr=False)
+
+
+class ResidualCache:
+    """The block-stack residual of each sample's last full computation, one per guidance branch."""
+
+    def __init__(self, batch_size: int, branches: int) -> None:
+        self.branches = branches
+        self.filled = torch.zeros(batch_size, dtype=torch.bool)
+        self.residuals: torch.Tensor | None = None
+
+    def store(self, idx: torch.Tensor, residual_rows: torch.Tensor) -> None:
+        """``residual_rows`` is (branches * k, ...) in branch-major order, as the rows were run."""
+        per_sample = residual_rows.unflatten(0, (self.branches, len(idx))).transpose(0, 1)
+        if self.residuals is None:
+            self.residuals = per_sample.new_zeros((len(self.filled), *per_sample.shape[1:]))
+        self.residuals[idx] = per_sample
+        self.filled[idx] = True
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.residuals[idx].transpose(0, 1).flatten(0, 1)
+
+
+class Sampler:
+    """Runs a batch from noise to t = 0 on a backbone, as a controller decides step by step.
+
+    Every sample keeps its own time. Each step, active samples are grouped by (reuse, sparsity
+    level) and each group runs as one sub-batch (both guidance branches of an image together), so
+    samples that reuse compute no block and an image's result does not depend on its batch mates.
+    ``step_cap`` bounds the executed steps per sample: the last one goes to t = 0.
+    """
+
+    def __init__(self, backbone: Backbone, *, step_cap: int = 28, progress: bool = False) -> None:
+        if not isinstance(step_cap, int) or step_cap < 1:
+            raise ValueError(f"step_cap must be a positive integer, got {step_cap!r}.")
+        self.backbone, self.step_cap, self.progress = backbone, step_cap, progress
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond: Conditioning, controller: Controller, *,
+               uncond: Conditioning | None = None, guidance_scale: float = 1.0,
+               keep_trace: bool = False) -> SampleResult:
+        """Denoise ``noise`` (t = 1) to t = 0; classifier-free guidance when ``uncond`` is given."""
+        branches = self._check_inputs(noise, cond, uncond, guidance_scale)
+        schedule = self.backbone.schedule(noise)
+        run = _Run(self, noise, branches, guidance_scale, schedule, controller)
+        trace = []
+        with tqdm(total=self.step_cap, desc="denoising", unit="step", disable=not self.progress, leave=False) as bar:
+            while bool((run.t > 0).any()):
+                obs, actions = run.step()
+                if keep_trace:
+                    trace.append((obs, actions))
+                bar.update(1)
+        return SampleResult(run.x, run.stats, trace)
+
+    def _check_inputs(self, noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
+                      guidance_scale: float) -> list[Conditioning]:
+        self.backbone.check_latents(noise)
+        if len(cond) != noise.shape[0]:
+            raise ValueError(f"The conditioning has {len(cond)} samples but the latents have {noise.shape[0]}.")
+        if uncond is None:
+            if guidance_scale != 1.0:
+                raise ValueError("guidance_scale != 1 needs `uncond` (the negative-prompt conditioning).")
+            return [cond]
+        if len(uncond) != len(cond):
+            raise ValueError(f"`uncond` has {len(uncond)} samples but `cond` has {len(cond)}.")
+        return [uncond, cond]
+
+
+class _Run:
+    """The state of one batch being sampled."""
+
+    def __init__(self, sampler: Sampler, noise: torch.Tensor, branches: list[Conditioning], guidance_scale: float,
+                 schedule: TimeSchedule, controller: Controller) -> None:
+        self.backbone, self.step_cap = sampler.backbone, sampler.step_cap
+        self.branches, self.guidance_scale, self.schedule, self.controller = branches, guidance_scale, schedule, controller
+        batch = noise.shape[0]
+        self.x = noise.float().clone()
+        self.t = torch.ones(batch, dtype=torch.float64)
+        self.steps = torch.zeros(batch, dtype=torch.long)
+        self.refresh_latents = self.x.clone()
+        self.last_velocity = torch.zeros_like(self.x)
+        self.cache = ResidualCache(batch, len(branches))
+        self.cond = Conditioning.cat(branches)  # branch-major: row b * batch + i
+        self.stats = SampleStats.empty(batch, self._flops_per_image(noise, level=0, reuse=False))
+        controller.reset(batch)
+
+    def _flops_per_image(self, latents: torch.Tensor, *, level: int, reuse: bool) -> float:
+        non_attention, attention = self.backbone.row_flops(latents, self.cond, level=level, reuse=reuse)
+        return float((non_attention + attention) * len(self.branches))
+
+    def step(self) -> tuple[Observation, Actions]:
+        active = (self.t > 0).nonzero().squeeze(1)
+        obs = self._observe(active)
+        tic = _clock(self.x)
+        actions = self.controller.decide(obs)
+        controller_seconds = (_clock(self.x) - tic) / len(active)
+        next_t, reuse, level = self._validate(actions, obs)
+        velocity = torch.empty_like(obs.latents)
+        for group_reuse, group_level in sorted({(bool(r), int(lv)) for r, lv in zip(reuse, level)}):
+            rows = ((reuse == group_reuse) & (level == group_level)).nonzero().squeeze(1)
+            velocity[rows] = self._run_group(active[rows], obs.t[rows], next_t[rows], group_reuse, group_level,
+                                             controller_seconds)
+        dt = self.schedule.sigma(next_t) - obs.sigma
+        self.x[active] = obs.latents + dt.view(-1, *[1] * (velocity.ndim - 1)) * velocity
+        self.last_velocity[active] = velocity
+        self.t[active] = next_t
+        self.steps[active] += 1
+        self.stats.controller_seconds[active] += controller_seconds
+        return obs, actions
+
+    def _observe(self, active: torch.Tensor) -> Observation:
+        x = self.x[active]
+        return Observation(
+            sample_ids=active, latents=x, t=self.t[active], sigma=self.schedule.sigma(self.t[active]),
+            step_index=self.steps[active], refresh_delta=x - self.refresh_latents[active],
+            last_velocity=self.last_velocity[active], has_cache=self.cache.filled[active],
+            spent=self.stats.equivalent_steps[active].clone(), pooled=self.branches[-1].pooled[active],
+            step_cap=self.step_cap, schedule=self.schedule)
+
+    def _validate(self, actions: Actions, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        name, n = type(self.controller).__name__, len(obs)
+        for field_name in ("next_t", "reuse", "level"):
+            shape = tuple(getattr(actions, field_name).shape)
+            if shape != (n,):
+                raise ValueError(f"{name} returned {field_name} of shape {shape}; expected ({n},), one per sample.")
+        next_t = actions.next_t.double()
+        if not bool(torch.isfinite(next_t).all()) or bool((next_t < 0).any()) or bool((next_t >= obs.t).any()):
+            raise ValueError(f"{name} returned next_t outside [0, t): every step must move strictly toward t = 0.")
+        level = actions.level.long()
+        if bool(((level < 0) | (level > NUM_SPARSE_LEVELS)).any()):
+            raise ValueError(f"{name} returned a sparsity level outside 0..{NUM_SPARSE_LEVELS}: {level.tolist()}.")
+        reuse = actions.reuse.bool()
+        if bool((reuse & ~obs.has_cache).any()):
+            raise ValueError(f"{name} asked to reuse the cache for samples that have none yet (their first step).")
+        last = (obs.step_index + 1 >= self.step_cap) | (next_t < self.schedule.t_min / 2)
+        next_t = torch.where(last, torch.zeros_like(next_t), next_t)
+        return next_t, reuse, torch.where(reuse, torch.zeros_like(level), level)
+
+    def _run_group(self, idx: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, reuse: bool, level: int,
+                   controller_seconds: float) -> torch.Tensor:
+        """Run one sub-batch (all guidance branches), update its cache, account for it, return velocities."""
+        k, n_branches = len(idx), len(self.branches)
+        rows = idx.repeat(n_branches) + torch.arange(n_branches).repeat_interleave(k) * len(self.t)
+        latents = self.x[idx].repeat(n_branches, *[1] * (self.x.ndim - 1))
+        sigma = self.schedule.sigma(t).repeat(n_branches)
+        tic = _clock(latents)
+        out = self.backbone.forward(latents, sigma, self.cond.select(rows), level=level,
+                                    reuse_residual=self.cache.rows(idx) if reuse else None)
+        seconds = (_clock(latents) - tic) / k
+        if not reuse:
+            self.cache.store(idx, out.residual)
+            self.refresh_latents[idx] = self.x[idx]
+        velocity = out.velocity.unflatten(0, (n_branches, k))
+        guided = velocity[0] if n_branches == 1 else velocity[0] + self.guidance_scale * (velocity[1] - velocity[0])
+        self._account(idx, t, next_t, reuse, level, out.blocks_run, out.attention_flops / k,
+                      seconds + controller_seconds)
+        return guided
+
+    def _account(self, idx: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, reuse: bool, level: int,
+                 blocks: int, attention_flops: float, seconds: float) -> None:
+        non_attention, _ = self.backbone.row_flops(self.x[idx[:1]], self.cond, level=level, reuse=reuse)
+        flops = non_attention * len(self.branches) + attention_flops
+        for i, sample in enumerate(idx.tolist()):
+            self.stats.add(sample, StepRecord(
+                t=float(t[i]), next_t=float(next_t[i]), reuse=reuse, level=level, blocks=blocks,
+                flops=flops, attention_flops=attention_flops,
+                equivalent_steps=flops / self.stats.full_step_flops, seconds=seconds))
+
+
+def _clock(reference: torch.Tensor) -> float:
+    """Wall-clock time, after the device has finished queued work (honest GPU timings)."""
+    if reference.is_cuda:
+        torch.cuda.synchronize(reference.device)
+    return time.perf_counter()
