@@ -1,0 +1,150 @@
+"""Engine benchmark: wall-clock vs FLOPs of each action on a random-weight SD3-architecture DiT.
+
+For each image-token count, one transformer step is timed as a full step, a reuse step (every
+block skipped) and at each sparse level, interleaved round by round so machine drift hits all of
+them alike; the attention kernel alone is timed the same way (dense SDPA vs each level). Every
+ratio is taken from medians of the same run. Writes JSON (``--out``) and prints a Markdown table.
+
+    python benchmarks/engine.py --quick --out engine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+from rapid3.accel.sparse_attention import NUM_SPARSE_LEVELS, SPARSE_KEEP_FRACTIONS, sparse_attention
+from rapid3.backbones import Conditioning, SD3Backbone
+
+HEADS, HEAD_DIM, TEXT_TOKENS, PATCH, CHANNELS = 6, 64, 77, 2, 16
+ACTIONS = ["full", "reuse"] + [f"keep{k}" for k in SPARSE_KEEP_FRACTIONS]
+
+
+def build_backbone(tokens: int, layers: int, seed: int = 0) -> tuple[SD3Backbone, torch.Tensor, Conditioning]:
+    """A random-weight SD3 MMDiT (hidden = HEADS * HEAD_DIM) and one row of inputs at ``tokens`` image tokens."""
+    side = int(tokens**0.5)
+    if side * side != tokens:
+        raise ValueError(f"--sizes must be square numbers of image tokens, got {tokens}.")
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=side * PATCH, patch_size=PATCH, in_channels=CHANNELS, out_channels=CHANNELS, num_layers=layers,
+        attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=384,
+        caption_projection_dim=HEADS * HEAD_DIM, pooled_projection_dim=384, pos_embed_max_size=side)
+    backbone = SD3Backbone(transformer, FlowMatchEulerDiscreteScheduler(shift=3.0))
+    latents = torch.randn(1, CHANNELS, side * PATCH, side * PATCH)
+    cond = Conditioning({"encoder_hidden_states": torch.randn(1, TEXT_TOKENS, 384),
+                         "pooled_projections": torch.randn(1, 384)})
+    return backbone, latents, cond
+
+
+def step_runners(backbone: SD3Backbone, latents: torch.Tensor, cond: Conditioning) -> dict:
+    sigma = torch.tensor([0.6])
+    residual = backbone.forward(latents, sigma, cond).residual
+    runners = {"full": lambda: backbone.forward(latents, sigma, cond),
+               "reuse": lambda: backbone.forward(latents, sigma, cond, reuse_residual=residual)}
+    for level, keep in enumerate(SPARSE_KEEP_FRACTIONS, start=1):
+        runners[f"keep{keep}"] = lambda level=level: backbone.forward(latents, sigma, cond, level=level)
+    return runners
+
+
+def attention_runners(tokens: int) -> dict:
+    q, k, v = (torch.randn(1, HEADS, tokens + TEXT_TOKENS, HEAD_DIM) for _ in range(3))
+    runners = {"full": lambda: F.scaled_dot_product_attention(q, k, v)}
+    for level, keep in enumerate(SPARSE_KEEP_FRACTIONS, start=1):
+        runners[f"keep{keep}"] = lambda level=level: sparse_attention(q, k, v, level=level, n_txt=TEXT_TOKENS,
+                                                                      txt_first=False)
+    return runners
+
+
+def interleaved_medians(runners: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per runner; each round runs every runner once (after one warm-up round)."""
+    times = {name: [] for name in runners}
+    for round_index in range(repeats + 1):
+        for name, run in runners.items():
+            tic = time.perf_counter()
+            run()
+            if round_index:
+                times[name].append(time.perf_counter() - tic)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def measure_size(tokens: int, layers: int, repeats: int) -> dict:
+    backbone, latents, cond = build_backbone(tokens, layers)
+    flops = {}
+    for name, (level, reuse) in zip(ACTIONS, [(0, False), (0, True)] + [(lv, False) for lv in
+                                                                        range(1, NUM_SPARSE_LEVELS + 1)]):
+        non_attention, attention = backbone.row_flops(latents, cond, level=level, reuse=reuse)
+        flops[name] = {"total": non_attention + attention, "attention": attention}
+    with torch.no_grad():
+        step = interleaved_medians(step_runners(backbone, latents, cond), repeats)
+        attention = interleaved_medians(attention_runners(tokens), repeats)
+    rows = {}
+    for name in ACTIONS:
+        flop_speedup = flops["full"]["total"] / flops[name]["total"]
+        time_speedup = step["full"] / step[name]
+        rows[name] = {
+            "step_seconds": step[name], "step_speedup": time_speedup, "flop_speedup": flop_speedup,
+            "realized_over_predicted": time_speedup / flop_speedup, "gflops": flops[name]["total"] / 1e9,
+        }
+        if name in attention:
+            rows[name]["attention_seconds"] = attention[name]
+            rows[name]["attention_speedup"] = attention["full"] / attention[name]
+            rows[name]["attention_flop_speedup"] = flops["full"]["attention"] / flops[name]["attention"]
+    return rows
+
+
+def table(results: dict[int, dict]) -> str:
+    lines = ["| image tokens | action | step ms | step speedup | FLOP speedup | realized/predicted | "
+             "attention speedup (time / FLOPs) |", "|---|---|---|---|---|---|---|"]
+    for tokens, rows in results.items():
+        for name, r in rows.items():
+            attn = (f"{r['attention_speedup']:.2f}x / {r['attention_flop_speedup']:.2f}x"
+                    if "attention_speedup" in r and name != "full" else "")
+            lines.append(f"| {tokens} | {name} | {1000 * r['step_seconds']:.1f} | {r['step_speedup']:.2f}x | "
+                         f"{r['flop_speedup']:.2f}x | {r['realized_over_predicted']:.2f} | {attn} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024, 4096], help="image tokens per row")
+    parser.add_argument("--layers", type=int, default=12, help="transformer blocks (hidden is 6 x 64 = 384)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per size (after one warm-up)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds per size: a few minutes on 2 CPU cores")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/engine.json"), help="JSON output path")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else args.repeats
+    results = {}
+    for tokens in args.sizes:
+        print(f"measuring {tokens} image tokens ...", flush=True)
+        results[tokens] = measure_size(tokens, args.layers, repeats)
+    largest = max(results)
+    summary = {
+        "reuse_over_full": results[largest]["reuse"]["step_seconds"] / results[largest]["full"]["step_seconds"],
+        "config": {"hidden": HEADS * HEAD_DIM, "heads": HEADS, "layers": args.layers, "text_tokens": TEXT_TOKENS,
+                   "batch": 1, "repeats": repeats, "threads": torch.get_num_threads(),
+                   "machine": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "sizes": {str(k): v for k, v in results.items()},
+    }
+    if 4096 in results:
+        summary["sparse_keep0.2_attention_speedup_4096"] = results[4096]["keep0.2"]["attention_speedup"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(table(results))
+    print(f"reuse/full step time at {largest} tokens: {summary['reuse_over_full']:.3f}")
+    if "sparse_keep0.2_attention_speedup_4096" in summary:
+        print(f"keep-0.2 attention speedup at 4096 tokens: {summary['sparse_keep0.2_attention_speedup_4096']:.2f}x")
+    print(f"wrote {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
