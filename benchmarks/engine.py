@@ -19,30 +19,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from rapid3.accel.sparse_attention import NUM_SPARSE_LEVELS, SPARSE_KEEP_FRACTIONS, sparse_attention
 from rapid3.backbones import Conditioning, SD3Backbone
+from rapid3.demo import HEAD_DIM, HEADS, TEXT_TOKENS, random_sd3_setup
 
-HEADS, HEAD_DIM, TEXT_TOKENS, PATCH, CHANNELS = 6, 64, 77, 2, 16
 ACTIONS = ["full", "reuse"] + [f"keep{k}" for k in SPARSE_KEEP_FRACTIONS]
 
 
-def build_backbone(tokens: int, layers: int, seed: int = 0) -> tuple[SD3Backbone, torch.Tensor, Conditioning]:
-    """A random-weight SD3 MMDiT (hidden = HEADS * HEAD_DIM) and one row of inputs at ``tokens`` image tokens."""
-    side = int(tokens**0.5)
-    if side * side != tokens:
-        raise ValueError(f"--sizes must be square numbers of image tokens, got {tokens}.")
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=side * PATCH, patch_size=PATCH, in_channels=CHANNELS, out_channels=CHANNELS, num_layers=layers,
-        attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=384,
-        caption_projection_dim=HEADS * HEAD_DIM, pooled_projection_dim=384, pos_embed_max_size=side)
-    backbone = SD3Backbone(transformer, FlowMatchEulerDiscreteScheduler(shift=3.0))
-    latents = torch.randn(1, CHANNELS, side * PATCH, side * PATCH)
-    cond = Conditioning({"encoder_hidden_states": torch.randn(1, TEXT_TOKENS, 384),
-                         "pooled_projections": torch.randn(1, 384)})
-    return backbone, latents, cond
+def build_inputs(tokens: int, layers: int) -> tuple[SD3Backbone, torch.Tensor, Conditioning]:
+    """One row of inputs (batch 1, no CFG) for the random-weight backbone."""
+    backbone, noise, cond, _ = random_sd3_setup(tokens, layers, batch=1)
+    return backbone, noise, cond
 
 
 def step_runners(backbone: SD3Backbone, latents: torch.Tensor, cond: Conditioning) -> dict:
@@ -77,7 +65,7 @@ def interleaved_medians(runners: dict, repeats: int) -> dict[str, float]:
 
 
 def measure_size(tokens: int, layers: int, repeats: int) -> dict:
-    backbone, latents, cond = build_backbone(tokens, layers)
+    backbone, latents, cond = build_inputs(tokens, layers)
     flops = {}
     for name, (level, reuse) in zip(ACTIONS, [(0, False), (0, True)] + [(lv, False) for lv in
                                                                         range(1, NUM_SPARSE_LEVELS + 1)]):
