@@ -204,3 +204,23 @@ def test_bad_inputs_have_clear_errors(sd3):
         backbone.forward(noise[:1], torch.ones(1), cond.select(torch.tensor([0])), level=7)
     with pytest.raises(ValueError, match="guidance_scale"):
         sampler.sample(noise, cond, FullCompute(), guidance_scale=5.0)
+
+
+def test_flux_reuse_and_sparsity_in_a_mixed_batch():
+    """FLUX: single-stream blocks skip on reuse too, sparse levels run, and batching is per sample."""
+    pipe = tiny_flux_pipeline()
+    embeds, pooled, text_ids = pipe.encode_prompt(PROMPTS, PROMPTS)
+    latents, image_ids = pipe.prepare_latents(2, 16, 64, 64, embeds.dtype, torch.device("cpu"),
+                                              torch.Generator().manual_seed(0))
+    cond = Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled,
+                         "guidance": torch.full((2,), 3.5)}, shared={"txt_ids": text_ids, "img_ids": image_ids})
+    backbone = backbone_for(pipe.transformer, pipe.scheduler)
+    sampler = Sampler(backbone, step_cap=8)
+    batch = sampler.sample(latents, cond, ScriptedController({0: MIXED, 1: SPARSE}))
+    alone = sampler.sample(latents[:1], cond.select(torch.tensor([0])), ScriptedController({0: MIXED}))
+    assert (batch.latents[0] - alone.latents[0]).abs().max().item() <= 1e-5
+    n_blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    assert [r.blocks for r in batch.stats.records[0]] == [0 if reuse else n_blocks for _, reuse, _ in MIXED]
+    sparse_attn = [r.attention_flops for r in batch.stats.records[1] if r.level == 3]
+    dense = backbone.row_flops(latents, cond, level=0, reuse=False)[1]
+    assert sparse_attn and all(a < dense for a in sparse_attn)
