@@ -224,3 +224,39 @@ def test_flux_reuse_and_sparsity_in_a_mixed_batch():
     sparse_attn = [r.attention_flops for r in batch.stats.records[1] if r.level == 3]
     dense = backbone.row_flops(latents, cond, level=0, reuse=False)[1]
     assert sparse_attn and all(a < dense for a in sparse_attn)
+
+
+class ProbingController(ScriptedController):
+    """Calls a backbone probe every step, then follows its script."""
+
+    def __init__(self, scripts, kind: str) -> None:
+        super().__init__(scripts)
+        self.kind, self.features = kind, []
+
+    def decide(self, obs: Observation) -> Actions:
+        self.features.append(obs.probe(self.kind))
+        return super().decide(obs)
+
+
+def test_probes_return_first_block_features_and_are_charged(sd3):
+    backbone, noise, cond, _ = sd3
+    transformer = backbone.transformer
+    x, c = noise[:1], cond.select(torch.tensor([0]))
+    feature, blocks = backbone.probe(x, torch.tensor([0.5]), c, "modulated_input")
+    with torch.no_grad():
+        temb = transformer.time_text_embed(torch.tensor([500.0]), c.pooled)
+        expected = transformer.transformer_blocks[0].norm1(transformer.pos_embed(x), emb=temb)[0]
+    torch.testing.assert_close(feature, expected)
+    assert blocks == 0
+    with pytest.raises(ValueError, match="Unknown probe"):
+        backbone.probe(x, torch.tensor([0.5]), c, "attention_maps")
+
+    plain = Sampler(backbone, step_cap=8).sample(x, c, ScriptedController({0: MIXED}))
+    for kind, extra_blocks in (("modulated_input", 0), ("first_block_residual", 1)):
+        controller = ProbingController({0: MIXED}, kind)
+        probed = Sampler(backbone, step_cap=8).sample(x, c, controller)
+        assert len(controller.features) == 8
+        torch.testing.assert_close(probed.latents, plain.latents)
+        for with_probe, without in zip(probed.stats.records[0], plain.stats.records[0]):
+            assert with_probe.blocks == without.blocks + extra_blocks
+            assert with_probe.flops > without.flops

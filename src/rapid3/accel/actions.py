@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -17,6 +17,8 @@ class Observation:
     ``refresh_delta`` is the latent change since the sample's last full computation (X_t - X_tc,
     what Cache-Reuse watches; zeros before the first one), ``last_velocity`` the last
     guidance-combined model output, ``spent`` the equivalent steps used so far.
+    ``probe(kind)`` runs a cheap backbone probe on these rows (prompt branch) — e.g. TeaCache's
+    "modulated_input" — whose FLOPs and time are charged to the samples like any other compute.
     """
 
     sample_ids: torch.Tensor
@@ -31,6 +33,7 @@ class Observation:
     pooled: torch.Tensor
     step_cap: int
     schedule: TimeSchedule
+    probe: Callable[[str], torch.Tensor]
 
     def __len__(self) -> int:
         return self.sample_ids.shape[0]

@@ -104,6 +104,9 @@ class _Run:
         self.last_velocity = torch.zeros_like(self.x)
         self.cache = ResidualCache(batch, len(branches))
         self.cond = Conditioning.cat(branches)  # branch-major: row b * batch + i
+        self.probe_flops = torch.zeros(batch, dtype=torch.float64)  # charged to the sample's next step
+        self.probe_seconds = torch.zeros(batch, dtype=torch.float64)
+        self.probe_blocks = torch.zeros(batch, dtype=torch.long)
         self.stats = SampleStats.empty(batch, self._flops_per_image(noise, level=0, reuse=False))
         controller.reset(batch)
 
@@ -138,7 +141,16 @@ class _Run:
             step_index=self.steps[active], refresh_delta=x - self.refresh_latents[active],
             last_velocity=self.last_velocity[active], has_cache=self.cache.filled[active],
             spent=self.stats.equivalent_steps[active].clone(), pooled=self.branches[-1].pooled[active],
-            step_cap=self.step_cap, schedule=self.schedule)
+            step_cap=self.step_cap, schedule=self.schedule, probe=lambda kind: self._probe(active, kind))
+
+    def _probe(self, active: torch.Tensor, kind: str) -> torch.Tensor:
+        x, cond = self.x[active], self.branches[-1].select(active)
+        tic = _clock(x)
+        features, blocks = self.backbone.probe(x, self.schedule.sigma(self.t[active]), cond, kind)
+        self.probe_seconds[active] += (_clock(x) - tic) / len(active)
+        self.probe_blocks[active] += blocks
+        self.probe_flops[active] += self.backbone.probe_flops(x, cond, kind)
+        return features
 
     def _validate(self, actions: Actions, obs: Observation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         name, n = type(self.controller).__name__, len(obs)
@@ -182,12 +194,16 @@ class _Run:
     def _account(self, idx: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, reuse: bool, level: int,
                  blocks: int, attention_flops: float, seconds: float) -> None:
         non_attention, _ = self.backbone.row_flops(self.x[idx[:1]], self.cond, level=level, reuse=reuse)
-        flops = non_attention * len(self.branches) + attention_flops
+        flops = non_attention * len(self.branches) + attention_flops + self.probe_flops[idx]
+        seconds = seconds + self.probe_seconds[idx]
+        blocks = blocks + self.probe_blocks[idx]
+        for pending in (self.probe_flops, self.probe_seconds, self.probe_blocks):
+            pending[idx] = 0
         for i, sample in enumerate(idx.tolist()):
             self.stats.add(sample, StepRecord(
-                t=float(t[i]), next_t=float(next_t[i]), reuse=reuse, level=level, blocks=blocks,
-                flops=flops, attention_flops=attention_flops,
-                equivalent_steps=flops / self.stats.full_step_flops, seconds=seconds))
+                t=float(t[i]), next_t=float(next_t[i]), reuse=reuse, level=level, blocks=int(blocks[i]),
+                flops=float(flops[i]), attention_flops=attention_flops,
+                equivalent_steps=float(flops[i]) / self.stats.full_step_flops, seconds=float(seconds[i])))
 
 
 def _clock(reference: torch.Tensor) -> float:

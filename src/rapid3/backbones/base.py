@@ -133,3 +133,11 @@ class Backbone(Protocol):
 
     def row_flops(self, latents: torch.Tensor, cond: Conditioning, *, level: int, reuse: bool) -> tuple[int, int]:
         """(FLOPs outside the attention core, attention-core FLOPs) of one row's forward with that action."""
+
+    def probe(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+              kind: str) -> tuple[torch.Tensor, int]:
+        """(feature, blocks run): a cheap feature for threshold-caching controllers
+        ("modulated_input", "first_block_residual")."""
+
+    def probe_flops(self, latents: torch.Tensor, cond: Conditioning, kind: str) -> int:
+        """FLOPs of one row's ``probe(kind)``."""

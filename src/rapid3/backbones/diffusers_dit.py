@@ -24,6 +24,11 @@ from .base import BackboneOutput, Conditioning, TimeSchedule
 
 _HOOK_BLOCK = "rapid3_block"
 _HOOK_STACK_OUTPUT = "rapid3_stack_output"
+PROBES = ("modulated_input", "first_block_residual")
+
+
+class _ProbeDone(Exception):
+    """Ends a probe forward as soon as its feature is known: nothing after it is computed."""
 
 
 @dataclass
@@ -33,14 +38,16 @@ class ForwardState:
     level: int = 0
     n_txt: int = 0
     reuse_residual: torch.Tensor | None = None
+    probe: str | None = None
+    probe_output: torch.Tensor | None = None
     stack_input: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     blocks_run: int = 0
     attention_flops: int = 0
 
-    def begin(self, *, level: int, n_txt: int, reuse_residual: torch.Tensor | None) -> None:
-        self.level, self.n_txt, self.reuse_residual = level, n_txt, reuse_residual
-        self.stack_input = self.residual = None
+    def begin(self, *, level: int, n_txt: int, reuse_residual: torch.Tensor | None, probe: str | None = None) -> None:
+        self.level, self.n_txt, self.reuse_residual, self.probe = level, n_txt, reuse_residual, probe
+        self.stack_input = self.residual = self.probe_output = None
         self.blocks_run = self.attention_flops = 0
 
     def count_attention(self, q: torch.Tensor, n_txt: int) -> None:
@@ -50,7 +57,8 @@ class ForwardState:
 
 
 class _BlockHook(ModelHook):
-    """Runs the block, or skips it when the call reuses the cached residual."""
+    """Runs the block, or skips it when the call reuses the cached residual; the first block also
+    answers probes (TeaCache's modulated input, FirstBlockCache's first-block residual)."""
 
     def __init__(self, state: ForwardState, first: bool) -> None:
         super().__init__()
@@ -60,11 +68,23 @@ class _BlockHook(ModelHook):
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if self.first:
             self.state.stack_input = hidden_states
+            if self.state.probe is not None:
+                self._probe(module, hidden_states, args, kwargs)
         if self.state.reuse_residual is not None:
             encoder_hidden_states = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
             return encoder_hidden_states, hidden_states
         self.state.blocks_run += 1
         return self.fn_ref.original_forward(*args, **kwargs)
+
+    def _probe(self, module: torch.nn.Module, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        state = self.state
+        if state.probe == "modulated_input":
+            temb = kwargs["temb"] if "temb" in kwargs else args[2]
+            state.probe_output = module.norm1(hidden_states, emb=temb)[0]
+        else:
+            state.blocks_run += 1
+            state.probe_output = self.fn_ref.original_forward(*args, **kwargs)[1] - hidden_states
+        raise _ProbeDone
 
 
 class _StackOutputHook(ModelHook):
@@ -138,6 +158,26 @@ class DiffusersDiT:
         state = self.state
         return BackboneOutput(velocity.float(), state.residual, state.blocks_run, state.attention_flops)
 
+    @torch.no_grad()
+    def probe(self, latents: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+              kind: str) -> tuple[torch.Tensor, int]:
+        """(feature, blocks run): a cheap feature of the current input for threshold-caching
+        controllers; the forward stops as soon as it is known. ``modulated_input``: the first block's
+        timestep-modulated input (TeaCache). ``first_block_residual``: the first block's output minus
+        its input (FirstBlockCache)."""
+        if kind not in PROBES:
+            raise ValueError(f"Unknown probe {kind!r}; available: {', '.join(PROBES)}.")
+        n_txt = cond.per_sample["encoder_hidden_states"].shape[1]
+        self.state.begin(level=0, n_txt=n_txt, reuse_residual=None, probe=kind)
+        dtype = self.transformer.dtype
+        try:
+            self.transformer(hidden_states=latents.to(dtype), **self.call_kwargs(sigma, cond, dtype), return_dict=False)
+        except _ProbeDone:
+            return self.state.probe_output.float(), self.state.blocks_run
+        finally:
+            self.state.probe = None
+        raise RuntimeError("The transformer never reached its first block.")
+
     def call_kwargs(self, sigma: torch.Tensor, cond: Conditioning, dtype: torch.dtype) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -161,16 +201,30 @@ class DiffusersDiT:
         ran (CPU SDPA is invisible to the counter, and on GPU the counter's own SDPA count is dropped
         so nothing is counted twice).
         """
-        key = (tuple(latents.shape[1:]), self.token_counts(latents, cond)[1], level, reuse)
+        one, row, sigma = latents[:1], cond.select(torch.tensor([0])), torch.ones(1)
+        key = ("step", tuple(one.shape[1:]), row.per_sample["encoder_hidden_states"].shape[1], level, reuse)
         if key not in self._flop_cache:
-            self._flop_cache[key] = self._count_row_flops(latents[:1], cond.select(torch.tensor([0])), level, reuse)
+            residual = self.forward(one, sigma, row).residual if reuse else None
+            self._flop_cache[key] = _count_flops(
+                lambda: self.forward(one, sigma, row, level=level, reuse_residual=residual).attention_flops)
         return self._flop_cache[key]
 
-    def _count_row_flops(self, latents: torch.Tensor, cond: Conditioning, level: int, reuse: bool) -> tuple[int, int]:
-        sigma = torch.ones(1)
-        residual = self.forward(latents, sigma, cond).residual if reuse else None
-        with FlopCounterMode(display=False) as counter:
-            out = self.forward(latents, sigma, cond, level=level, reuse_residual=residual)
-        counts = counter.get_flop_counts().get("Global", {})
-        non_attention = sum(v for op, v in counts.items() if "attention" not in str(op))
-        return int(non_attention), out.attention_flops
+    def probe_flops(self, latents: torch.Tensor, cond: Conditioning, kind: str) -> int:
+        """FLOPs of one row's ``probe(kind)``."""
+        one, row = latents[:1], cond.select(torch.tensor([0]))
+        key = ("probe", tuple(one.shape[1:]), row.per_sample["encoder_hidden_states"].shape[1], kind)
+        if key not in self._flop_cache:
+            def run() -> int:
+                self.probe(one, torch.ones(1), row, kind)
+                return self.state.attention_flops
+
+            self._flop_cache[key] = _count_flops(run)
+        return sum(self._flop_cache[key])
+
+
+def _count_flops(run) -> tuple[int, int]:
+    """(FLOPs torch's counter saw outside attention, the attention FLOPs ``run()`` reports)."""
+    with FlopCounterMode(display=False) as counter:
+        attention = run()
+    counts = counter.get_flop_counts().get("Global", {})
+    return int(sum(v for op, v in counts.items() if "attention" not in str(op))), int(attention)
