@@ -1,0 +1,65 @@
+"""The embedded model's training script on a tiny config: steps, checkpoint, resume, export, load."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from rapid3.embedded.model import load_embedded
+from rapid3.embedded.scenes import IMAGE_SIZE
+from rapid3.embedded.text_encoder import MiniLMTextEncoder
+from rapid3.embedded.train_generator import CHECKPOINT, TrainConfig, parse_args, train
+
+TINY = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8, caption_projection_dim=16)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> MiniLMTextEncoder:
+    return MiniLMTextEncoder()
+
+
+def _config(out: Path, steps: int, **kw) -> TrainConfig:
+    return TrainConfig(out=out, steps=steps, batch=4, sample_every=2, sample_steps=2, log_every=1, model=TINY, **kw)
+
+
+def test_cli_defaults() -> None:
+    cfg = parse_args(["--out", "x", "--resume", "--steps", "7", "--export", "y"])
+    assert (cfg.out, cfg.resume, cfg.steps, cfg.export, cfg.batch, cfg.ema) == (Path("x"), True, 7, Path("y"), 64, 0.999)
+
+
+def test_train_resume_export_load(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
+    out = tmp_path / "run"
+    first = train(_config(out, 2), encoder)
+    assert first["step"] == 2 and (out / CHECKPOINT).is_file()
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["step_0000002.png"]
+
+    resumed = train(replace(_config(out, 3, export=tmp_path / "export"), resume=True), encoder)
+    assert resumed["step"] == 3
+    assert [json.loads(line)["step"] for line in (out / "loss.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+    # the same three steps without interruption give the same weights: resume restores every RNG
+    straight = train(_config(tmp_path / "straight", 3), encoder)
+    for a, b in zip(resumed["model"].parameters(), straight["model"].parameters()):
+        assert torch.equal(a, b)
+
+    transformer, scheduler = load_embedded(tmp_path / "export")
+    assert transformer.dtype == torch.float32 and scheduler.config.shift == 1.0
+    for name, p in resumed["ema"].state_dict().items():
+        assert torch.allclose(transformer.state_dict()[name], p.half().float())
+    tokens, pooled = encoder.encode(["a red circle"])
+    x = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    v = transformer(x, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=torch.tensor([500.0]),
+                    return_dict=False)[0]
+    assert v.shape == x.shape and torch.isfinite(v).all()
+
+
+def test_resume_without_checkpoint_fails(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
+    with pytest.raises(FileNotFoundError):
+        train(replace(_config(tmp_path, 1), resume=True), encoder)
+
+
+def test_load_embedded_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="train_generator"):
+        load_embedded(tmp_path)
