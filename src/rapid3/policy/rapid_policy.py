@@ -1,0 +1,166 @@
+"""RapidPolicy: RAPID3's three lightweight heads on one shared trunk, as a sampler ``Controller``.
+
+Trunk (per step, per sample):
+  1. tokens = Linear(patch features): a patchify convolution (kernel = stride = patch) over
+     [latent, refresh delta, last velocity] on the token grid (see ``features.py``);
+  2. c = TimestepEmbedding(t) + Linear(pooled prompt) + Linear(spent/cap, step/cap, has_cache, change);
+  3. AdaLN: LayerNorm(tokens) * (1 + scale(c)) + shift(c), SiLU, mean-pool over tokens, plus c;
+  4. linear heads: Step-Skip (alpha, beta), Cache-Reuse (2 logits), Sparse-Attention (1 + N logits).
+
+Initialisation (near-neutral, and input-independent until trained): the AdaLN modulation and every
+head's weights start at zero, and the head biases are set from the ``init_*`` config fields, so a
+fresh policy's Beta has mode ``init_ratio`` (0.85) with alpha + beta - 2 = ``init_concentration``
+(20: Beta(18, 4), std ~0.08), reuses with probability ``init_reuse_prob`` (0.2) when it can, and
+runs dense with probability ``init_dense_prob`` (0.7).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from torch import nn
+
+from ..accel.actions import Actions, Observation, next_time_from_ratio
+from ..accel.sparse_attention import NUM_SPARSE_LEVELS
+from ..backbones.diffusers_dit import DiffusersDiT
+from ..baselines.steps import UniformSteps
+from . import heads
+from .features import STATE_FEATURES, state_features, token_features
+from .heads import ActionDistribution, Decision
+
+
+class RapidPolicy(ModelMixin, ConfigMixin):
+    """Per-sample, per-step Step-Skip / Cache-Reuse / Sparse-Attention decisions for the sampler loop.
+
+    ``decide`` is deterministic by default (Beta mode, argmax); set ``policy.sampling = True`` to
+    draw actions and get their log-probabilities in ``Actions.log_prob`` (GRPO rollouts).
+    ``log_prob`` and ``entropy`` recompute under the current weights, differentiably.
+
+    Args:
+        backbone_family: the DiT family the policy was built for ("sd3", "flux", ...); recorded.
+        latent_channels, patch_size: the backbone's latent channels and patch size. Latents are
+            (B, latent_channels, H, W), or packed (B, N, latent_channels * patch_size**2).
+        pooled_dim: size of the pooled prompt embedding (``pooled_projections``).
+        hidden_dim: width of the trunk.
+        step_skip, cache_reuse, sparse_attention: which heads are learned. Disabled: the uniform
+            grid of ``default_steps`` / always recompute / always dense, adding 0 to the log-prob.
+        num_sparse_levels: sparse levels beyond dense (the Sparse head has 1 + this many logits).
+        default_steps: steps of the fixed grid used when Step-Skip is disabled (None: the step cap).
+        init_ratio, init_concentration, init_reuse_prob, init_dense_prob: the fresh policy (above).
+    """
+
+    @register_to_config
+    def __init__(self, backbone_family: str = "sd3", latent_channels: int = 16, patch_size: int = 2,
+                 pooled_dim: int = 2048, hidden_dim: int = 64, step_skip: bool = True, cache_reuse: bool = True,
+                 sparse_attention: bool = True, num_sparse_levels: int = NUM_SPARSE_LEVELS,
+                 default_steps: int | None = None, init_ratio: float = 0.85, init_concentration: float = 20.0,
+                 init_reuse_prob: float = 0.2, init_dense_prob: float = 0.7) -> None:
+        super().__init__()
+        _check_config(step_skip=step_skip, cache_reuse=cache_reuse, sparse_attention=sparse_attention,
+                      default_steps=default_steps, init_ratio=init_ratio, init_concentration=init_concentration,
+                      init_reuse_prob=init_reuse_prob, init_dense_prob=init_dense_prob)
+        width = hidden_dim
+        self.token_proj = nn.Linear(3 * latent_channels * patch_size**2, width)
+        self.time_proj = Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(width, width)
+        self.prompt_proj = nn.Linear(pooled_dim, width)
+        self.state_proj = nn.Linear(len(STATE_FEATURES), width)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.modulation = heads.biased_linear(width, [0.0] * (2 * width))  # AdaLN-zero: starts as plain LayerNorm
+        self.step_head = heads.step_head(width, init_ratio, init_concentration) if step_skip else None
+        self.cache_head = heads.cache_head(width, init_reuse_prob) if cache_reuse else None
+        self.sparse_head = heads.sparse_head(width, num_sparse_levels, init_dense_prob) if sparse_attention else None
+        self.sampling = False
+
+    @classmethod
+    def for_backbone(cls, backbone: DiffusersDiT, **config) -> RapidPolicy:
+        """A fresh policy shaped for a diffusers backbone adapter (``SD3Backbone``, ``FluxBackbone``)."""
+        tc = backbone.transformer.config
+        return cls(backbone_family=backbone.family, latent_channels=tc.in_channels, patch_size=tc.patch_size,
+                   pooled_dim=tc.pooled_projection_dim, **config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> RapidPolicy:
+        """diffusers' loader (safetensors + config.json). The policy is tiny, so it is loaded eagerly:
+        no ``accelerate`` needed and no warning about its absence."""
+        kwargs.setdefault("low_cpu_mem_usage", False)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def reset(self, batch_size: int) -> None:
+        """Nothing to clear: everything the policy uses is in the observation."""
+
+    @torch.no_grad()
+    def decide(self, obs: Observation) -> Actions:
+        """Mode actions, or sampled ones with their log-probs when ``self.sampling``."""
+        dist = self.distribution(obs)
+        decision = dist.sample() if self.sampling else dist.mode()
+        device = obs.t.device
+        return Actions(next_t=self._next_t(obs, decision.ratio), reuse=decision.reuse.to(device),
+                       level=decision.level.to(device),
+                       log_prob=dist.log_prob(decision).to(device) if self.sampling else None)
+
+    def log_prob(self, obs: Observation, actions: Actions) -> torch.Tensor:
+        """Log-probability (B,) of ``actions`` at ``obs`` under the current weights (differentiable)."""
+        dist = self.distribution(obs)
+        return dist.log_prob(self._decision(obs, actions, dist.has_cache))
+
+    def entropy(self, obs: Observation) -> torch.Tensor:
+        """Entropy (B,) of the joint action distribution at ``obs`` (differentiable)."""
+        return self.distribution(obs).entropy()
+
+    def distribution(self, obs: Observation) -> ActionDistribution:
+        """The heads' distribution over this step's actions for every row of ``obs``."""
+        z = self._trunk(obs)
+        alpha, beta = (None, None) if self.step_head is None else heads.beta_parameters(self.step_head(z))
+        return ActionDistribution(
+            alpha=alpha, beta=beta,
+            cache_logits=None if self.cache_head is None else self.cache_head(z),
+            sparse_logits=None if self.sparse_head is None else self.sparse_head(z),
+            has_cache=obs.has_cache.to(z.device))
+
+    def _trunk(self, obs: Observation) -> torch.Tensor:
+        """(B, hidden_dim) features: patch tokens modulated by the conditioning, pooled, plus the conditioning."""
+        config, weight = self.config, self.token_proj.weight
+        if obs.pooled.shape[-1] != config.pooled_dim:
+            raise ValueError(f"RapidPolicy was built for pooled prompts of size {config.pooled_dim}; "
+                             f"got {obs.pooled.shape[-1]}.")
+        cast = lambda x: x.to(weight.device, weight.dtype)  # noqa: E731
+        tokens = self.token_proj(cast(token_features(obs, latent_channels=config.latent_channels,
+                                                     patch_size=config.patch_size)))
+        time = cast(self.time_proj(obs.t.to(weight.device) * 1000))  # diffusers' timestep scale
+        c = self.time_embed(time) + self.prompt_proj(cast(obs.pooled)) + self.state_proj(cast(state_features(obs)))
+        shift, scale = self.modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)
+        pooled = F.silu(self.norm(tokens) * (1 + scale) + shift).mean(dim=1)
+        return pooled + c
+
+    def _next_t(self, obs: Observation, ratio: torch.Tensor | None) -> torch.Tensor:
+        if ratio is None:  # Step-Skip disabled: the base sampler's own grid
+            return UniformSteps(self.config.default_steps).decide(obs).next_t
+        return next_time_from_ratio(obs.t, ratio.to(obs.t.device))
+
+    def _decision(self, obs: Observation, actions: Actions, has_cache: torch.Tensor) -> Decision:
+        """Actions as head choices on the policy's device; the ratio is recovered as next_t / t."""
+        device = has_cache.device
+        reuse = actions.reuse.to(device).bool()
+        if bool((reuse & ~has_cache).any()) or (self.cache_head is None and bool(reuse.any())):
+            raise ValueError("These actions reuse a cache the policy could not reuse (probability 0).")
+        ratio = None if self.step_head is None else (actions.next_t.double() / obs.t.double()).to(device)
+        return Decision(ratio, reuse, actions.level.to(device).long())
+
+
+def _check_config(*, step_skip: bool, cache_reuse: bool, sparse_attention: bool, default_steps: int | None,
+                  init_ratio: float, init_concentration: float, init_reuse_prob: float,
+                  init_dense_prob: float) -> None:
+    if not (step_skip or cache_reuse or sparse_attention):
+        raise ValueError("RapidPolicy needs at least one head enabled (step_skip, cache_reuse, sparse_attention).")
+    if default_steps is not None and (not isinstance(default_steps, int) or default_steps < 1):
+        raise ValueError(f"default_steps must be None or a positive integer, got {default_steps!r}.")
+    for name, value in (("init_ratio", init_ratio), ("init_reuse_prob", init_reuse_prob),
+                        ("init_dense_prob", init_dense_prob)):
+        if not 0 < value < 1:
+            raise ValueError(f"{name} must lie strictly inside (0, 1), got {value}.")
+    if init_concentration <= 0:
+        raise ValueError(f"init_concentration must be positive, got {init_concentration}.")
