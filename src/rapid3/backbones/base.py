@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import math
+
 import numpy as np
 import torch
 
@@ -65,9 +67,9 @@ class TimeSchedule:
     """Continuous sampler time ``t`` in [0, 1] and the model's own noise level ``sigma(t)``.
 
     Controllers decide in ``t`` (before any model-specific shift); ``sigma`` applies the
-    scheduler's rule (static shift for SD3, resolution-dependent exponential shift for FLUX).
-    Computed in float64 and cast to float32 at the end, as diffusers' scheduler does, so a uniform
-    schedule reproduces the pipeline's sigmas exactly.
+    scheduler's rule (static shift for SD3, resolution-dependent exponential shift for FLUX), in
+    the precision the pipelines use (SD3's scheduler: float64 then float32; FluxPipeline: float32),
+    so a uniform schedule reproduces the pipeline's sigmas exactly.
     """
 
     def __init__(self, *, shift: float = 1.0, mu: float | None = None, grid: str = "scheduler",
@@ -90,12 +92,12 @@ class TimeSchedule:
         return cls(shift=float(config.get("shift", 1.0)), mu=mu, grid=grid, t_min=float(scheduler.sigma_min))
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """Model noise level for times ``t`` (float64 in, float32 out); ``sigma(0) = 0``."""
-        t = t.double()
-        if self.mu is not None:
-            safe = t.clamp_min(1e-12)
-            sig = np.exp(self.mu) / (np.exp(self.mu) + (1.0 / safe - 1.0))
+        """Model noise level for times ``t`` (float32 out); ``sigma(0) = 0``."""
+        if self.mu is not None:  # FluxPipeline shifts float32 times in float32: do the same, bit for bit
+            t = t.float()
+            sig = math.exp(self.mu) / (math.exp(self.mu) + (1 / t.clamp_min(1e-12) - 1))
         else:
+            t = t.double()
             sig = self.shift * t / (1.0 + (self.shift - 1.0) * t)
         return torch.where(t > 0, sig, torch.zeros_like(sig)).float()
 

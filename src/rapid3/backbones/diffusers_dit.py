@@ -153,8 +153,11 @@ class DiffusersDiT:
         n_txt = cond.per_sample["encoder_hidden_states"].shape[1]
         self.state.begin(level=level, n_txt=n_txt, reuse_residual=reuse_residual)
         dtype = self.transformer.dtype
-        velocity = self.transformer(hidden_states=latents.to(dtype), **self.call_kwargs(sigma, cond, dtype),
-                                    return_dict=False)[0]
+        try:
+            velocity = self.transformer(hidden_states=latents.to(dtype), **self.call_kwargs(sigma, cond, dtype),
+                                        return_dict=False)[0]
+        finally:
+            self.state.reuse_residual, self.state.level = None, 0  # a direct transformer call runs in full
         state = self.state
         return BackboneOutput(velocity.float(), state.residual, state.blocks_run, state.attention_flops)
 
