@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, _StopFlag.request)
     signal.signal(signal.SIGTERM, _StopFlag.request)
     run = train(cfg)
-    print(f"stopped at step {run['step']}; checkpoint in {cfg.out / CHECKPOINT}", flush=True)
+    exported = f"; EMA model exported to {cfg.export}" if cfg.export is not None else ""
+    print(f"stopped at step {run['step']}; checkpoint in {cfg.out / CHECKPOINT}{exported}", flush=True)
 
 
 if __name__ == "__main__":
