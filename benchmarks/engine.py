@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from rapid3.accel.costs import interleaved_medians
 from rapid3.accel.sparse_attention import NUM_SPARSE_LEVELS, SPARSE_KEEP_FRACTIONS, sparse_attention
 from rapid3.backbones import Conditioning, SD3Backbone
 from rapid3.demo import HEAD_DIM, HEADS, TEXT_TOKENS, random_sd3_setup
@@ -50,18 +49,6 @@ def attention_runners(tokens: int) -> dict:
         runners[f"keep{keep}"] = lambda level=level: sparse_attention(q, k, v, level=level, n_txt=TEXT_TOKENS,
                                                                       txt_first=False)
     return runners
-
-
-def interleaved_medians(runners: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per runner; each round runs every runner once (after one warm-up round)."""
-    times = {name: [] for name in runners}
-    for round_index in range(repeats + 1):
-        for name, run in runners.items():
-            tic = time.perf_counter()
-            run()
-            if round_index:
-                times[name].append(time.perf_counter() - tic)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure_size(tokens: int, layers: int, repeats: int) -> dict:

@@ -9,6 +9,7 @@ import torch
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd3_transformer
 
 from rapid3.accel.actions import Actions, Observation, next_time_from_ratio
+from rapid3.accel.costs import MeasuredStepCosts, measure_step_costs
 from rapid3.accel.sampler import Sampler
 from rapid3.accel.sparse_attention import NUM_SPARSE_LEVELS, SPARSE_KEEP_FRACTIONS, default_block_size
 from rapid3.backbones import Conditioning, SD3Backbone, backbone_for
@@ -260,3 +261,17 @@ def test_probes_return_first_block_features_and_are_charged(sd3):
         for with_probe, without in zip(probed.stats.records[0], plain.stats.records[0]):
             assert with_probe.blocks == without.blocks + extra_blocks
             assert with_probe.flops > without.flops
+
+
+def test_measured_step_costs_define_equivalent_steps(sd3):
+    backbone, noise, cond, _ = sd3
+    costs = measure_step_costs(backbone, noise[:1], cond.select(torch.tensor([0])), repeats=1)
+    assert costs.of(False, 0) == 1.0 and 0 < costs.of(True, 0) < 1.0
+    assert set(costs.relative) == {(False, lv) for lv in range(NUM_SPARSE_LEVELS + 1)} | {(True, 0)}
+    fixed = MeasuredStepCosts({**costs.relative, (True, 0): 0.25, (False, 3): 2.0})
+    result = Sampler(backbone, step_cap=8, step_costs=fixed).sample(noise[:1], cond.select(torch.tensor([0])),
+                                                                    ScriptedController({0: MIXED}))
+    expected = {(False, 0): 1.0, (True, 0): 0.25, (False, 3): 2.0, (False, 2): costs.of(False, 2),
+                (False, 1): costs.of(False, 1)}
+    assert [r.equivalent_steps for r in result.stats.records[0]] == [expected[(r.reuse, r.level)]
+                                                                     for r in result.stats.records[0]]

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, Conditioning, TimeSchedule
 from .actions import Actions, Controller, Observation
-from .costs import SampleStats, StepRecord
+from .costs import MeasuredStepCosts, SampleStats, StepRecord
 from .sparse_attention import NUM_SPARSE_LEVELS
 
 
@@ -51,12 +51,14 @@ class Sampler:
     level) and each group runs as one sub-batch (both guidance branches of an image together), so
     samples that reuse compute no block and an image's result does not depend on its batch mates.
     ``step_cap`` bounds the executed steps per sample: the last one goes to t = 0.
+    Equivalent steps count FLOPs, or measured wall-clock when ``step_costs`` are given.
     """
 
-    def __init__(self, backbone: Backbone, *, step_cap: int = 28, progress: bool = False) -> None:
+    def __init__(self, backbone: Backbone, *, step_cap: int = 28, progress: bool = False,
+                 step_costs: MeasuredStepCosts | None = None) -> None:
         if not isinstance(step_cap, int) or step_cap < 1:
             raise ValueError(f"step_cap must be a positive integer, got {step_cap!r}.")
-        self.backbone, self.step_cap, self.progress = backbone, step_cap, progress
+        self.backbone, self.step_cap, self.progress, self.step_costs = backbone, step_cap, progress, step_costs
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond: Conditioning, controller: Controller, *,
@@ -94,7 +96,7 @@ class _Run:
 
     def __init__(self, sampler: Sampler, noise: torch.Tensor, branches: list[Conditioning], guidance_scale: float,
                  schedule: TimeSchedule, controller: Controller) -> None:
-        self.backbone, self.step_cap = sampler.backbone, sampler.step_cap
+        self.backbone, self.step_cap, self.step_costs = sampler.backbone, sampler.step_cap, sampler.step_costs
         self.branches, self.guidance_scale, self.schedule, self.controller = branches, guidance_scale, schedule, controller
         batch = noise.shape[0]
         self.x = noise.float().clone()
@@ -197,13 +199,16 @@ class _Run:
         flops = non_attention * len(self.branches) + attention_flops + self.probe_flops[idx]
         seconds = seconds + self.probe_seconds[idx]
         blocks = blocks + self.probe_blocks[idx]
+        equivalent = flops / self.stats.full_step_flops
+        if self.step_costs is not None:
+            equivalent = self.step_costs.of(reuse, level) + self.probe_flops[idx] / self.stats.full_step_flops
         for pending in (self.probe_flops, self.probe_seconds, self.probe_blocks):
             pending[idx] = 0
         for i, sample in enumerate(idx.tolist()):
             self.stats.add(sample, StepRecord(
                 t=float(t[i]), next_t=float(next_t[i]), reuse=reuse, level=level, blocks=int(blocks[i]),
-                flops=float(flops[i]), attention_flops=attention_flops,
-                equivalent_steps=float(flops[i]) / self.stats.full_step_flops, seconds=float(seconds[i])))
+                flops=float(flops[i]), attention_flops=attention_flops, equivalent_steps=float(equivalent[i]),
+                seconds=float(seconds[i])))
 
 
 def _clock(reference: torch.Tensor) -> float:
