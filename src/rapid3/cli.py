@@ -1,4 +1,4 @@
-"""The ``rapid3`` command line: ``rapid3 info``, ``rapid3 demo`` (and the commands later issues add)."""
+"""The ``rapid3`` command line: ``rapid3 info``, ``demo``, ``generate``, ``train`` (and the commands later issues add)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .policy import RapidPolicy
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -86,6 +90,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--scale", type=int, default=8, help="upscale the 32x32 image by this factor (nearest)")
     parser.add_argument("--model", type=Path, default=None, help="an exported embedded model folder "
                                                                   "(default: the weights shipped in the package)")
+    parser.add_argument("--policy", default=None, metavar="NAME_OR_PATH",
+                        help="accelerate with a trained RAPID3 policy: a shipped one by name ('default') or a "
+                             "folder written by `rapid3 train` (RUN/policy)")
     parser.set_defaults(run=_run_generate)
 
 
@@ -99,11 +106,12 @@ def _run_generate(args: argparse.Namespace) -> int:
     _writable(args.out)
     if args.scale < 1:
         raise ValueError(f"--scale must be >= 1, got {args.scale}.")
+    policy = None if args.policy is None else _load_policy(args.policy)
     pipe = EmbeddedPipeline.from_pretrained(args.model)
     guidance = GUIDANCE_SCALE if args.guidance is None else args.guidance
     tic = time.perf_counter()
     output = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=guidance, seed=args.seed,
-                  progress=True)
+                  controller=policy, progress=True)
     seconds = time.perf_counter() - tic
     image = Image.fromarray(output.images[0])
     image = image.resize((image.width * args.scale, image.height * args.scale), Image.NEAREST)
@@ -111,6 +119,49 @@ def _run_generate(args: argparse.Namespace) -> int:
     stats = output.stats
     print(f"wrote {args.out} ({image.width}x{image.height}) in {seconds:.2f} s: {int(stats.steps[0])} steps, "
           f"{stats.equivalent_steps[0]:.1f} equivalent steps")
+    return 0
+
+
+SHIPPED_POLICIES = Path(__file__).resolve().parent / "policies"
+
+
+def _load_policy(name_or_path: str) -> RapidPolicy:
+    """A shipped policy by name (``default``) or a policy folder; FileNotFoundError saying how to get one."""
+    from .policy import RapidPolicy
+
+    path = Path(name_or_path) if Path(name_or_path).is_dir() else SHIPPED_POLICIES / name_or_path
+    if not (path / "config.json").is_file():
+        shipped = sorted(p.name for p in SHIPPED_POLICIES.glob("*/config.json")) if SHIPPED_POLICIES.is_dir() else []
+        raise FileNotFoundError(
+            f"no policy {name_or_path!r}: neither a policy folder nor a shipped one "
+            f"(shipped: {', '.join(shipped) or 'none'}). Train one with `rapid3 train --out RUN` and pass "
+            "--policy RUN/policy.")
+    return RapidPolicy.from_pretrained(path)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from .train.config import add_arguments
+
+    parser = sub.add_parser(
+        "train", help="train a RAPID3 policy for the embedded model with GRPO",
+        description="GRPO training of the three acceleration heads on the embedded model: rollout groups from "
+                    "shared noise, reward (q + omega*d)(1 - lam^K)/(K(1 - lam)) from the learned reward model q "
+                    "and an adversarial discriminator d, clipped per-decision surrogate, held-out evaluation "
+                    "against full compute. Knobs come from the defaults, then --config, then the flags.")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of knobs (see RUN/config.yaml)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its checkpoint and config.yaml")
+    add_arguments(parser)
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train.config import config_from_args
+    from .train.trainer import EXPORT, train
+
+    cfg = config_from_args(args)
+    run = train(cfg, resume=args.resume)
+    print(f"trained {run.iteration} iterations; policy in {Path(cfg.out) / EXPORT}")
     return 0
 
 
@@ -123,7 +174,7 @@ def _writable(path: Path) -> None:
         raise PermissionError(f"The output folder {folder} is not writable; choose another --out.")
 
 
-COMMANDS = [_add_info, _add_demo, _add_generate]
+COMMANDS = [_add_info, _add_demo, _add_generate, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

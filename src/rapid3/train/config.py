@@ -1,0 +1,221 @@
+"""Every knob of a RAPID3 GRPO run in one typed dataclass: defaults, documentation, YAML, command line.
+
+Precedence: the defaults below < a YAML file (``--config``) < command-line flags (one per field,
+``--group-size 8``, ``--no-sparse-attention``). A run folder keeps its ``config.yaml``; ``--resume``
+starts from it, so only the flags given on the resuming command change anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_FILE = "config.yaml"
+"""The run folder's copy of its config, which ``--resume`` starts from."""
+REWARDS = ("q+d", "q", "d")
+POLICY_FIELDS = ("hidden_dim", "step_skip", "cache_reuse", "sparse_attention", "init_ratio", "init_concentration",
+                 "init_reuse_prob", "init_dense_prob")
+"""TrainConfig fields passed unchanged to ``RapidPolicy`` (same names)."""
+
+
+def knob(default: Any, doc: str) -> Any:
+    """A dataclass field with its documentation (shown by ``--help`` and written into config.yaml)."""
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A GRPO training run of RAPID3's policy on the embedded text-to-image model."""
+
+    # --- run
+    out: str = knob("runs/rapid3", "run folder: checkpoint.pt, config.yaml, log.jsonl, tensorboard/, policy/")
+    model: str | None = knob(None, "exported embedded model folder (default: the weights shipped in the package)")
+    seed: int = knob(0, "seed of the policy's initialisation, its action draws and the training prompts")
+    iterations: int = knob(300, "GRPO iterations to reach in total (a resumed run continues towards it)")
+    # --- rollouts
+    prompts_per_iteration: int = knob(8, "training prompts per iteration (random train-split captions)")
+    group_size: int = knob(8, "G: trajectories per prompt, all from the same initial noise")
+    step_cap: int = knob(28, "most steps per image; the full-compute reference runs exactly this many")
+    guidance_scale: float = knob(4.0, "classifier-free guidance scale of every sample")
+    # --- reward  r = (q + omega * d) * (1 - lam^K) / (K * (1 - lam))
+    reward: str = knob("q+d", "reward terms: 'q+d' (paper), 'q' (reward model only), 'd' (discriminator only)")
+    reward_model: str | None = knob(None, "exported reward model folder (default: the one shipped in the package)")
+    lam: float = knob(0.97, "compute discount lambda in (0, 1): the speed/quality knob; smaller is faster")
+    omega: float = knob(1.0, "weight of the discriminator score d in the reward")
+    # --- policy (RapidPolicy's own arguments)
+    hidden_dim: int = knob(64, "width of the policy's shared trunk")
+    step_skip: bool = knob(True, "learn the Step-Skip head (else the uniform grid of step_cap steps)")
+    cache_reuse: bool = knob(True, "learn the Cache-Reuse head (else always recompute)")
+    sparse_attention: bool = knob(True, "learn the Sparse-Attention head (else always dense)")
+    # 0.75, not RapidPolicy's 0.85: on the embedded schedule (floor t = 5e-4, 28-step cap) 0.85 never
+    # ends a trajectory before the cap, so K would not vary with Step-Skip and give it no signal.
+    init_ratio: float = knob(0.75, "fresh Step-Skip Beta's mode: next t = ratio * t")
+    init_concentration: float = knob(20.0, "fresh Step-Skip Beta's alpha + beta - 2 (higher: less exploration)")
+    init_reuse_prob: float = knob(0.2, "fresh Cache-Reuse probability of reusing when a cache exists")
+    init_dense_prob: float = knob(0.7, "fresh Sparse-Attention probability of dense attention")
+    # --- policy optimisation (clipped surrogate, per-decision ratios, no KL)
+    lr: float = knob(1e-3, "AdamW learning rate of the policy (constant)")
+    weight_decay: float = knob(0.0, "AdamW weight decay of the policy")
+    inner_epochs: int = knob(2, "passes over each rollout batch")
+    minibatches: int = knob(2, "optimizer steps per pass (trajectories split evenly)")
+    clip: float = knob(0.2, "PPO clip range of the ratio pi / pi_old")
+    grad_clip: float = knob(1.0, "max gradient norm of a policy step")
+    # --- discriminator (full-compute images vs the policy's rollouts)
+    disc_width: int = knob(32, "channels of the discriminator's first conv stage (doubled per stage, 3 stages)")
+    disc_lr: float = knob(3e-4, "AdamW learning rate of the discriminator")
+    # Several cheap updates per expensive rollout batch, so d keeps pace with the policy: a d stuck
+    # near 0.5 leaves the discount alone to drive K down (1 update at lr 1e-4 stayed at chance in a smoke run).
+    disc_steps: int = knob(4, "discriminator updates per iteration")
+    disc_batch: int = knob(64, "images per class in a discriminator update")
+    replay_capacity: int = knob(1024, "images kept per class (rollouts, full-compute originals) for its updates")
+    # --- evaluation, checkpoints
+    eval_every: int = knob(10, "iterations between held-out evaluations (also after the last one)")
+    eval_prompts: int = knob(64, "held-out-split prompts of each evaluation (fixed set, fixed noise)")
+    eval_batch: int = knob(16, "images per batch in evaluation; full compute and policy alternate per batch")
+    checkpoint_every: int = knob(1, "iterations between checkpoints (also after the last one)")
+
+    def __post_init__(self) -> None:
+        positive = ("iterations", "prompts_per_iteration", "step_cap", "hidden_dim", "inner_epochs", "minibatches",
+                    "disc_width", "disc_steps", "disc_batch", "replay_capacity", "eval_every", "eval_prompts",
+                    "eval_batch", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (advantages compare trajectories of a prompt), "
+                             f"got {self.group_size}.")
+        if self.minibatches > self.prompts_per_iteration * self.group_size:
+            raise ValueError(f"minibatches ({self.minibatches}) exceeds the trajectories per iteration "
+                             f"({self.prompts_per_iteration * self.group_size}).")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(REWARDS)}; got {self.reward!r}.")
+        for name in ("lam", "init_ratio", "init_reuse_prob", "init_dense_prob"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie strictly inside (0, 1), got {getattr(self, name)}.")
+        for name in ("omega", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("guidance_scale", "init_concentration", "lr", "clip", "grad_clip", "disc_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+
+    @property
+    def uses_quality(self) -> bool:
+        """Whether the reward has the reward-model term q."""
+        return "q" in self.reward
+
+    @property
+    def uses_discriminator(self) -> bool:
+        """Whether the reward has the discriminator term d (and a discriminator is trained)."""
+        return "d" in self.reward
+
+    def policy_kwargs(self) -> dict[str, Any]:
+        """``RapidPolicy`` arguments set by this config."""
+        return {name: getattr(self, name) for name in POLICY_FIELDS}
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` (checked like YAML values: names and types)."""
+        return dataclasses.replace(self, **_checked(changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every knob by name (what checkpoints and the exported policy's rapid3_policy.json record)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        """Write every knob with its documentation as a comment; ``from_yaml`` reads it back."""
+        lines = [f"# {type(self).__doc__}", ""]
+        for f in dataclasses.fields(self):
+            lines += [f"# {f.metadata['doc']}", yaml.safe_dump({f.name: getattr(self, f.name)}).strip()]
+        Path(path).write_text("\n".join(lines) + "\n")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+        """``base`` (default: the defaults) with the knobs set in the YAML file at ``path``."""
+        return (base or cls()).replace(**read_yaml(path))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The knobs a YAML file sets (a mapping of field names), checked; FileNotFoundError / ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must map knob names to values, e.g. 'group_size: 8'.")
+    return _checked(values, source=str(path))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per knob (``--group-size``, ``--no-step-skip``), each defaulting to "not given"."""
+    group = parser.add_argument_group("training knobs (override --config and, with --resume, the run's config)")
+    for f in dataclasses.fields(TrainConfig):
+        kind = _base_type(_types()[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["doc"] + ("" if f.default is None else f" (default: {f.default})")
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
+                               help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: defaults (with ``args.resume``: the run folder's config.yaml), then the YAML file
+    ``args.config``, then the knobs given as flags (absent flags leave no attribute on ``args``)."""
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    knobs = {**(read_yaml(args.config) if args.config else {}), **flags}
+    base = TrainConfig()
+    if args.resume:
+        saved = Path(knobs.get("out", base.out)) / CONFIG_FILE
+        if not saved.is_file():
+            raise FileNotFoundError(f"--resume: {saved.parent} holds no run (no {CONFIG_FILE}); check --out.")
+        base = TrainConfig.from_yaml(saved)
+    return base.replace(**knobs)
+
+
+def _types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _base_type(hint: Any) -> type:
+    """``int`` for ``int``, ``str`` for ``str | None``."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _checked(values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """``values`` with known names and values of the right type (ints accepted as floats, "3e-4" as 3e-4)."""
+    types = _types()
+    checked = {}
+    for name, value in values.items():
+        if name not in types:
+            close = difflib.get_close_matches(str(name), types, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"{source}: unknown knob {name!r}.{hint} Knobs: {', '.join(types)}.")
+        checked[name] = _coerce(name, value, types[name], source)
+    return checked
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    optional = type(None) in typing.get_args(hint)
+    kind = _base_type(hint)
+    if value is None and optional:
+        return None
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+        return value
+    expected = kind.__name__ + (" or null" if optional else "")
+    raise ValueError(f"{source}: {name} must be {expected}, got {value!r}.")
