@@ -221,3 +221,10 @@ def test_the_loop_learns_to_spend_less_when_only_compute_is_rewarded(small, tmp_
     reuse, dense = reuse_and_dense()
     assert reuse > 0.5 and dense < 0.5
     assert metrics["train/equivalent_steps"] < 3.0
+
+
+def test_generate_names_the_missing_policy_and_how_to_train_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("rapid3.cli.SHIPPED_POLICIES", tmp_path / "policies")
+    assert main(["generate", "a red circle", "--policy", "default", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no policy 'default'" in err and "rapid3 train" in err and not (tmp_path / "x.png").exists()
