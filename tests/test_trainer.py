@@ -14,11 +14,12 @@ from rapid3.cli import build_parser, main
 from rapid3.embedded.model import embedded_scheduler_config, embedded_transformer_config
 from rapid3.embedded.pipeline import EmbeddedPipeline
 from rapid3.embedded.reward import RewardModel
+from rapid3.generators import EmbeddedGenerator
 from rapid3.policy import RapidPolicy
 from rapid3.train.checkpoint import load_checkpoint
 from rapid3.train.config import TrainConfig, config_from_args
 from rapid3.train.grpo import discounted_reward
-from rapid3.train.rollout import rollout, sample_images
+from rapid3.train.rollout import rollout
 from rapid3.train.trainer import build_run, rollout_rewards, train, train_iteration, training_prompts
 
 SMALL = {"iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "step_cap": 4, "hidden_dim": 16,
@@ -176,18 +177,19 @@ def test_reward_options_use_exactly_their_terms(small, reward, tmp_path):
 
 def test_rollout_groups_share_noise_and_stack_into_the_padded_layout(small):
     pipe = EmbeddedPipeline.from_pretrained(small.model)
+    generator = EmbeddedGenerator(pipe)
     torch.manual_seed(0)
     policy = RapidPolicy.for_backbone(pipe.backbone, hidden_dim=16, init_concentration=4.0, init_reuse_prob=0.5)
     prompts = ["a red circle", "two blue squares"]
-    rollouts = rollout(pipe, policy, prompts, [5, 9], group_size=3, step_cap=5, guidance_scale=4.0)
+    rollouts = rollout(generator, policy, prompts, [5, 9], group_size=3, step_cap=5, guidance_scale=4.0)
     assert rollouts.prompts == [prompts[0]] * 3 + [prompts[1]] * 3 and not policy.sampling
     first = rollouts.decisions.latents[rollouts.step == 0][rollouts.trajectory[rollouts.step == 0].argsort()]
     assert all(torch.equal(first[i], first[3 * (i // 3)]) for i in range(6))  # one noise per group
     assert not torch.equal(first[0], first[3])
     assert not torch.equal(rollouts.images[0], rollouts.images[1])  # ... and the actions make the difference
     # the pipeline's seeding: seeds s, s + 1 give pipe(prompts, seed=s)
-    torch.testing.assert_close(sample_images(pipe, prompts, [5, 6], policy, step_cap=5, guidance_scale=4.0).latents,
-                               pipe(prompts, num_inference_steps=5, seed=5, controller=policy).latents)
+    torch.testing.assert_close(generator.sample(prompts, [5, 6], policy, step_cap=5, guidance_scale=4.0).images,
+                               pipe(prompts, num_inference_steps=5, seed=5, controller=policy).latents.clamp(-1, 1))
     lengths = rollouts.mask.sum(1)
     assert torch.equal(rollouts.mask, torch.arange(rollouts.mask.shape[1]) < lengths[:, None])  # steps first, then padding
     assert len(rollouts.trajectory) == int(lengths.sum()) and (lengths >= 1).all() and (lengths <= 5).all()

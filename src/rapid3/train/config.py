@@ -23,6 +23,8 @@ REWARDS = ("q+d", "q", "d")
 POLICY_FIELDS = ("hidden_dim", "step_skip", "cache_reuse", "sparse_attention", "init_ratio", "init_concentration",
                  "init_reuse_prob", "init_dense_prob")
 """TrainConfig fields passed unchanged to ``RapidPolicy`` (same names)."""
+PIPELINE_FIELDS = ("prompt_file", "eval_prompt_file", "device", "dtype", "height", "width", "disc_model")
+"""TrainConfig fields that only apply to a real pipeline (``pipeline``)."""
 
 
 def knob(default: Any, doc: str) -> Any:
@@ -32,11 +34,23 @@ def knob(default: Any, doc: str) -> Any:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A GRPO training run of RAPID3's policy on the embedded text-to-image model."""
+    """A GRPO training run of RAPID3's policy on the embedded model or a diffusers SD3 / FLUX pipeline."""
 
     # --- run
     out: str = knob("runs/rapid3", "run folder: checkpoint.pt, config.yaml, log.jsonl, tensorboard/, policy/")
     model: str | None = knob(None, "exported embedded model folder (default: the weights shipped in the package)")
+    # --- a real pipeline instead of the embedded model (every knob below needs `pipeline`)
+    pipeline: str | None = knob(None, "diffusers StableDiffusion3Pipeline or FluxPipeline to train for: a local "
+                                      "folder or a Hub id (default: the embedded model)")
+    prompt_file: str | None = knob(None, "training prompts for the pipeline: .txt (one per line) or .jsonl "
+                                         "({\"prompt\": ...} per line)")
+    eval_prompt_file: str | None = knob(None, "held-out prompts for the pipeline's evaluations (default: "
+                                              "eval_prompts prompts set aside from prompt_file)")
+    device: str | None = knob(None, "device of the pipeline, policy and reward models (default: cuda if available)")
+    dtype: str | None = knob(None, "pipeline dtype: float32, float16 or bfloat16 (default: bfloat16 on GPU, "
+                                   "float32 on CPU)")
+    height: int | None = knob(None, "image height in pixels (default: the pipeline's)")
+    width: int | None = knob(None, "image width in pixels (default: the pipeline's)")
     seed: int = knob(0, "seed of the policy's initialisation, its action draws and the training prompts")
     iterations: int = knob(300, "GRPO iterations to reach in total (a resumed run continues towards it)")
     # --- rollouts
@@ -46,7 +60,13 @@ class TrainConfig:
     guidance_scale: float = knob(4.0, "classifier-free guidance scale of every sample")
     # --- reward  r = (q + omega * d) * (1 - lam^K) / (K * (1 - lam))
     reward: str = knob("q+d", "reward terms: 'q+d' (paper), 'q' (reward model only), 'd' (discriminator only)")
-    reward_model: str | None = knob(None, "exported reward model folder (default: the one shipped in the package)")
+    reward_model: str | None = knob(None, "embedded: exported reward model folder (default: the one shipped); with "
+                                          "pipeline: the CLIPModel (folder or Hub id) of the CLIP-score q, required "
+                                          "when the reward has q")
+    disc_model: str | None = knob(None, "with pipeline: the CLIP (folder or Hub id) whose frozen vision tower "
+                                        "carries the discriminator's adapter (default: reward_model)")
+    reward_image_size: int = knob(224, "with pipeline: shorter side images are resized to for q, d and the "
+                                       "discriminator's replay buffers (CLIP reads 224)")
     lam: float = knob(0.97, "compute discount lambda in (0, 1): the speed/quality knob; smaller is faster")
     omega: float = knob(1.0, "weight of the discriminator score d in the reward")
     # --- policy (RapidPolicy's own arguments)
@@ -68,7 +88,8 @@ class TrainConfig:
     clip: float = knob(0.2, "PPO clip range of the ratio pi / pi_old")
     grad_clip: float = knob(1.0, "max gradient norm of a policy step")
     # --- discriminator (full-compute images vs the policy's rollouts)
-    disc_width: int = knob(32, "channels of the discriminator's first conv stage (doubled per stage, 3 stages)")
+    disc_width: int = knob(32, "embedded: channels of the conv discriminator's first stage (doubled per stage, "
+                               "3 stages); with pipeline: hidden width of the CLIP adapter")
     disc_lr: float = knob(3e-4, "AdamW learning rate of the discriminator")
     # Several cheap updates per expensive rollout batch, so d keeps pace with the policy: a d stuck
     # near 0.5 leaves the discount alone to drive K down (1 update at lr 1e-4 stayed at chance in a smoke run).
@@ -77,17 +98,18 @@ class TrainConfig:
     replay_capacity: int = knob(1024, "images kept per class (rollouts, full-compute originals) for its updates")
     # --- evaluation, checkpoints
     eval_every: int = knob(10, "iterations between held-out evaluations (also after the last one)")
-    eval_prompts: int = knob(64, "held-out-split prompts of each evaluation (fixed set, fixed noise)")
+    eval_prompts: int = knob(64, "held-out prompts of each evaluation (fixed set, fixed noise)")
     eval_batch: int = knob(16, "images per batch in evaluation; full compute and policy alternate per batch")
     checkpoint_every: int = knob(1, "iterations between checkpoints (also after the last one)")
 
     def __post_init__(self) -> None:
         positive = ("iterations", "prompts_per_iteration", "step_cap", "hidden_dim", "inner_epochs", "minibatches",
                     "disc_width", "disc_steps", "disc_batch", "replay_capacity", "eval_every", "eval_prompts",
-                    "eval_batch", "checkpoint_every")
+                    "eval_batch", "checkpoint_every", "reward_image_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        self._check_pipeline_knobs()
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 (advantages compare trajectories of a prompt), "
                              f"got {self.group_size}.")
@@ -105,6 +127,28 @@ class TrainConfig:
         for name in ("guidance_scale", "init_concentration", "lr", "clip", "grad_clip", "disc_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+
+    def _check_pipeline_knobs(self) -> None:
+        """A real pipeline needs prompts and CLIP reward models; the embedded model takes none of its knobs."""
+        if self.pipeline is None:
+            given = [name for name in PIPELINE_FIELDS if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with a pipeline (--pipeline); the embedded model samples "
+                                 "its own prompts and has its own reward models.")
+            return
+        if self.model is not None:
+            raise ValueError("give either pipeline (a diffusers pipeline) or model (an embedded model), not both.")
+        if self.prompt_file is None:
+            raise ValueError("a pipeline needs training prompts: --prompt-file FILE (.txt or .jsonl).")
+        if self.uses_quality and self.reward_model is None:
+            raise ValueError(f"reward {self.reward!r} has the quality term q: give --reward-model, a CLIP model "
+                             "(folder or Hub id, e.g. openai/clip-vit-large-patch14), or use --reward d.")
+        if self.uses_discriminator and self.disc_model is None and self.reward_model is None:
+            raise ValueError(f"reward {self.reward!r} has the discriminator term d: give --disc-model (or "
+                             "--reward-model), a CLIP model whose vision tower carries the adapter.")
+        for name in ("height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
     @property
     def uses_quality(self) -> bool:

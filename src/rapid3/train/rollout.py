@@ -16,34 +16,19 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from ..accel.actions import Actions, Controller, Observation
-from ..accel.sampler import Sampler, SampleResult
-from ..embedded.pipeline import EmbeddedPipeline, initial_noise
+from ..accel.actions import Actions, Observation
+from ..generators import Generation, Generator
 from ..policy import RapidPolicy
 
 T = TypeVar("T", Observation, Actions)
-
-
-def sample_images(pipe: EmbeddedPipeline, prompts: list[str], seeds: list[int], controller: Controller, *,
-                  step_cap: int, guidance_scale: float, keep_trace: bool = False) -> SampleResult:
-    """One image per (prompt, seed), image i from the noise ``pipe`` gives seed ``seeds[i]``.
-
-    So ``pipe(prompts, seed=s)`` and ``seeds = [s, s + 1, ...]`` start from the same noise, and
-    repeating a seed repeats the noise (a GRPO group).
-    """
-    cond, uncond = pipe.encode(prompts)
-    noise = torch.cat([initial_noise(1, seed) for seed in seeds])
-    sampler = Sampler(pipe.backbone, step_cap=step_cap)
-    return sampler.sample(noise, cond, controller, uncond=uncond, guidance_scale=guidance_scale,
-                          keep_trace=keep_trace)
 
 
 @dataclass
 class Rollouts:
     """N = prompts x G trajectories (group-major: trajectory i belongs to group i // G) and their D decisions.
 
-    ``images`` are the final latents clamped to [-1, 1]; ``equivalent_steps`` (K) and ``seconds``
-    come from the sampler's accounting. ``decisions`` / ``actions`` hold the D decisions;
+    ``images`` are the generator's, in [-1, 1]; ``equivalent_steps`` (K) and ``seconds`` come from
+    the sampler's accounting. ``decisions`` / ``actions`` hold the D decisions;
     decision j was taken by trajectory ``trajectory[j]`` at its step ``step[j]``.
     ``old_log_probs`` and ``mask`` are (N, S), S the longest trajectory; padding is 0 / False.
     """
@@ -62,8 +47,8 @@ class Rollouts:
     mask: Tensor
 
     @classmethod
-    def from_result(cls, prompts: list[str], seeds: list[int], group_size: int, result: SampleResult) -> Rollouts:
-        """Stack a sampler result's trace (sampled with log-probs) into the training layout."""
+    def from_result(cls, prompts: list[str], seeds: list[int], group_size: int, result: Generation) -> Rollouts:
+        """Stack a generation's trace (sampled with log-probs) into the training layout."""
         if not result.trace or result.trace[0][1].log_prob is None:
             raise ValueError("the rollout needs a trace with log-probs: sample with keep_trace=True and a "
                              "controller that samples (RapidPolicy with sampling=True).")
@@ -75,7 +60,7 @@ class Rollouts:
         shape = (len(prompts), len(observations))
         old = torch.zeros(shape, dtype=actions.log_prob.dtype).index_put((trajectory, step), actions.log_prob)
         mask = torch.zeros(shape, dtype=torch.bool).index_put((trajectory, step), torch.tensor(True))
-        return cls(list(prompts), list(seeds), group_size, result.latents.clamp(-1, 1),
+        return cls(list(prompts), list(seeds), group_size, result.images,
                    result.stats.equivalent_steps.clone(), result.stats.seconds.clone(), decisions, actions,
                    trajectory, step, old, mask)
 
@@ -84,7 +69,8 @@ class Rollouts:
 
     def log_probs(self, policy: RapidPolicy) -> Tensor:
         """(N, S) log-probs of the taken actions under the policy's current weights (differentiable; 0 at padding)."""
-        flat = policy.log_prob(self.decisions, self.actions)
+        # A policy on a GPU scores there; the padded layout (and the old log-probs) live on the CPU.
+        flat = policy.log_prob(self.decisions, self.actions).to(self.mask.device)
         return flat.new_zeros(self.mask.shape).index_put((self.trajectory, self.step), flat)
 
     def subset(self, index: Tensor) -> Rollouts:
@@ -100,15 +86,15 @@ class Rollouts:
                        step=self.step[keep], old_log_probs=self.old_log_probs[index], mask=self.mask[index])
 
 
-def rollout(pipe: EmbeddedPipeline, policy: RapidPolicy, prompts: list[str], seeds: list[int], *, group_size: int,
+def rollout(pipe: Generator, policy: RapidPolicy, prompts: list[str], seeds: list[int], *, group_size: int,
             step_cap: int, guidance_scale: float) -> Rollouts:
     """G = ``group_size`` trajectories per prompt, each group from its prompt's seed, actions drawn from the policy."""
     grouped = lambda items: [item for item in items for _ in range(group_size)]  # noqa: E731
     sampling = policy.sampling
     policy.sampling = True
     try:
-        result = sample_images(pipe, grouped(prompts), grouped(seeds), policy, step_cap=step_cap,
-                               guidance_scale=guidance_scale, keep_trace=True)
+        result = pipe.sample(grouped(prompts), grouped(seeds), policy, step_cap=step_cap,
+                             guidance_scale=guidance_scale, keep_trace=True)
     finally:
         policy.sampling = sampling
     return Rollouts.from_result(grouped(prompts), grouped(seeds), group_size, result)

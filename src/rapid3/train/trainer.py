@@ -1,6 +1,11 @@
-"""RAPID3's GRPO trainer for the embedded model, readable top to bottom.
+"""RAPID3's GRPO trainer for the embedded model or a diffusers SD3 / FLUX pipeline, readable top to bottom.
 
     rapid3 train --out runs/rapid3 [--config run.yaml] [--resume] [--group-size 8 ...]
+    rapid3 train --pipeline PATH_OR_ID --prompt-file prompts.txt --reward-model CLIP_PATH_OR_ID ...
+
+Both sample through a ``Generator`` (``rapid3.generators``): the embedded model, or the pipeline
+accelerated by ``rapid3.accelerate``. The embedded world's reward model is its learned one and its
+prompts come from the scene grammar; a pipeline's are a CLIP score and a prompt file.
 
 Each iteration, on this rank's prompts (``train_iteration``):
   1. rollout: G trajectories per prompt from one initial noise, actions drawn from the policy;
@@ -12,8 +17,9 @@ Each iteration, on this rank's prompts (``train_iteration``):
   5. the discriminator: full-compute images of the same prompts and noise join the positives'
      replay buffer, the rollouts the negatives', then ``disc_steps`` updates.
 Every ``eval_every`` iterations and after the last, ``evaluate`` runs the policy (deterministic
-mode) and full compute side by side on fixed held-out prompts: checker accuracy (evaluation only,
-never a reward), equivalent steps by scene complexity, FLOP and wall-clock speedups.
+mode) and full compute side by side on fixed held-out prompts: reward terms, equivalent steps,
+FLOP and wall-clock speedups, and, in the embedded world, checker accuracy (evaluation only, never
+a reward) and equivalent steps by scene complexity.
 
 The run folder holds ``config.yaml``, ``checkpoint.pt`` (atomic; ``--resume`` continues bit for
 bit), ``log.jsonl`` (one record per iteration), ``tensorboard/`` and, at the end, ``policy/``
@@ -32,7 +38,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -40,20 +46,22 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..baselines.steps import FullCompute
-from ..embedded.checker import checker_accuracy
-from ..embedded.pipeline import EmbeddedPipeline, to_uint8
+from ..embedded.pipeline import EmbeddedPipeline
 from ..embedded.reward import RewardModel, load_reward_model
-from ..embedded.scenes import SceneSpec, parse_caption, sample_scene
+from ..embedded.scenes import SceneSpec, sample_scene
 from ..embedded.text_encoder import MiniLMTextEncoder
+from ..generators import Checker, EmbeddedGenerator, Generation, Generator, PipelineGenerator, resolve_device
 from ..policy import RapidPolicy
+from ..prompts import read_prompts, split_prompts
+from ..rewards.clip import CLIPAdapterDiscriminator, CLIPScore
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, POLICY_FIELDS, TrainConfig
 from .discriminator import Discriminator, ImageDiscriminator, ModuleDiscriminator, ReplayBuffer
 from .grpo import discounted_reward, group_advantages, grpo_loss, zero_spread_fraction
-from .rollout import Rollouts, rollout, sample_images
+from .rollout import Rollouts, rollout
 
 CHECKPOINT, LOG, TENSORBOARD, EXPORT = "checkpoint.pt", "log.jsonl", "tensorboard", "policy"
-FIXED_ON_RESUME = (*POLICY_FIELDS, "disc_width", "replay_capacity")
+FIXED_ON_RESUME = (*POLICY_FIELDS, "disc_width", "replay_capacity", "pipeline")
 """Knobs that shape the saved state, so a resumed run cannot change them."""
 EVAL_SEED = 0
 """Seed of the held-out evaluation prompts: fixed, so runs with different seeds or knobs compare on one set."""
@@ -80,14 +88,20 @@ class EmbeddedQuality:
         return self.model.score(images, prompts, self.encoder)
 
 
+def image_rewards(images: Tensor, prompts: list[str], equivalent_steps: Tensor, quality: QualityModel | None,
+                  disc: Discriminator | None, *, lam: float, omega: float) -> dict[str, Tensor]:
+    """Per image: ``quality`` q, ``disc`` d (0 for an absent term) and the discounted ``reward`` r."""
+    absent = torch.zeros(len(images), dtype=torch.float64)
+    q = absent if quality is None else quality.score(images, prompts).double().cpu()
+    d = absent if disc is None else disc.score(images).double().cpu()
+    return {"quality": q, "disc": d, "reward": discounted_reward(q, d, equivalent_steps, lam=lam, omega=omega)}
+
+
 def rollout_rewards(rollouts: Rollouts, quality: QualityModel | None, disc: Discriminator | None, *,
                     lam: float, omega: float) -> dict[str, Tensor]:
-    """Per trajectory: ``quality`` q, ``disc`` d (0 for an absent term) and the discounted ``reward`` r."""
-    absent = torch.zeros(len(rollouts), dtype=torch.float64)
-    q = absent if quality is None else quality.score(rollouts.images, rollouts.prompts).double()
-    d = absent if disc is None else disc.score(rollouts.images).double()
-    return {"quality": q, "disc": d,
-            "reward": discounted_reward(q, d, rollouts.equivalent_steps, lam=lam, omega=omega)}
+    """:func:`image_rewards` of every trajectory."""
+    return image_rewards(rollouts.images, rollouts.prompts, rollouts.equivalent_steps, quality, disc, lam=lam,
+                         omega=omega)
 
 
 # ----------------------------------------------------------------------------- updates
@@ -135,7 +149,7 @@ class Run:
     """Everything a training run holds; ``state_dict`` is what its checkpoint stores."""
 
     cfg: TrainConfig
-    pipe: EmbeddedPipeline
+    pipe: Generator
     policy: RapidPolicy
     optimizer: torch.optim.Optimizer
     quality: QualityModel | None
@@ -145,6 +159,8 @@ class Run:
     prompt_rng: np.random.Generator
     iteration: int = 0
     last_eval: dict[str, float] = field(default_factory=dict)
+    train_prompts: list[str] | None = None  # a pipeline's prompt file; None: the embedded scene grammar
+    eval_prompts: list[str] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         """Policy, discriminator, optimisers, replay buffers, RNG states, iteration and config."""
@@ -159,7 +175,7 @@ class Run:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict``; the run continues exactly where the saved one stopped."""
         saved = state["config"]
-        changed = [name for name in FIXED_ON_RESUME if saved[name] != getattr(self.cfg, name)]
+        changed = [name for name in FIXED_ON_RESUME if saved.get(name) != getattr(self.cfg, name)]  # older runs: None
         if changed:
             raise ValueError("a resumed run cannot change " + ", ".join(
                 f"{name} (saved {saved[name]!r}, given {getattr(self.cfg, name)!r})" for name in changed) + ".")
@@ -174,9 +190,13 @@ class Run:
         self.iteration, self.last_eval = state["iteration"], state["last_eval"]
 
 
-def training_prompts(rng: np.random.Generator, n: int) -> tuple[list[str], list[int]]:
-    """``n`` random train-split captions (the scene generator's kind weights) and a noise seed for each."""
-    captions = [sample_scene(rng, "train").caption for _ in range(n)]
+def training_prompts(rng: np.random.Generator, n: int, pool: list[str] | None = None) -> tuple[list[str], list[int]]:
+    """``n`` random prompts and a noise seed for each: from ``pool`` (uniformly), or, without one, train-split
+    captions of the embedded scene generator (its kind weights)."""
+    if pool is None:
+        captions = [sample_scene(rng, "train").caption for _ in range(n)]
+    else:
+        captions = [pool[i] for i in rng.integers(0, len(pool), size=n)]
     return captions, [int(seed) for seed in rng.integers(0, 2**31, size=n)]
 
 
@@ -187,18 +207,19 @@ def train_iteration(run: Run, prompts: list[str], seeds: list[int]) -> dict[str,
                        guidance_scale=cfg.guidance_scale)
     scores = rollout_rewards(rollouts, run.quality, run.disc, lam=cfg.lam, omega=cfg.omega)
     advantages = group_advantages(scores["reward"], cfg.group_size)
-    metrics = rollout_metrics(rollouts, scores, cfg)
+    metrics = rollout_metrics(rollouts, scores, cfg, run.pipe.checker)
     metrics |= policy_update(run.policy, run.optimizer, rollouts, advantages, cfg)
     if run.disc is not None:
-        originals = sample_images(run.pipe, prompts, seeds, FullCompute(), step_cap=cfg.step_cap,
-                                  guidance_scale=cfg.guidance_scale)
-        run.positives.push(originals.latents.clamp(-1, 1))
+        originals = run.pipe.sample(prompts, seeds, FullCompute(), step_cap=cfg.step_cap,
+                                    guidance_scale=cfg.guidance_scale)
+        run.positives.push(originals.images)
         run.negatives.push(rollouts.images)
         metrics |= discriminator_update(run.disc, run.positives, run.negatives, cfg)
     return metrics
 
 
-def rollout_metrics(rollouts: Rollouts, scores: dict[str, Tensor], cfg: TrainConfig) -> dict[str, float]:
+def rollout_metrics(rollouts: Rollouts, scores: dict[str, Tensor], cfg: TrainConfig,
+                    checker: Checker | None = None) -> dict[str, float]:
     """What the rollouts did: reward terms, compute, actions, group spread, checker accuracy (monitoring only)."""
     k, actions = rollouts.equivalent_steps, rollouts.actions
     recompute = ~actions.reuse
@@ -208,9 +229,9 @@ def rollout_metrics(rollouts: Rollouts, scores: dict[str, Tensor], cfg: TrainCon
                "train/reuse_fraction": actions.reuse.double().mean().item(),
                "train/sparse_fraction": ((actions.level > 0) & recompute).sum().item() / max(1, recompute.sum().item()),
                "train/zero_spread": zero_spread_fraction(scores["reward"], cfg.group_size),
-               "train/seconds_per_image": rollouts.seconds.mean().item(),
-               "train/accuracy": checker_accuracy(list(to_uint8(rollouts.images)),
-                                                  [parse_caption(p) for p in rollouts.prompts])["accuracy"]}
+               "train/seconds_per_image": rollouts.seconds.mean().item()}
+    if checker is not None:
+        metrics["train/accuracy"] = checker.accuracy(rollouts.images, rollouts.prompts)
     if cfg.uses_quality:
         metrics["train/quality"] = scores["quality"].mean().item()
     if cfg.uses_discriminator:
@@ -228,44 +249,50 @@ def heldout_prompts(n: int) -> list[SceneSpec]:
 
 
 @torch.no_grad()
-def evaluate(pipe: EmbeddedPipeline, policy: RapidPolicy, specs: list[SceneSpec], cfg: TrainConfig,
-             quality: QualityModel | None = None) -> dict[str, float]:
-    """Policy (deterministic) vs full compute on ``specs``, image i from seed i, side by side.
+def evaluate(pipe: Generator, policy: RapidPolicy, prompts: list[str], cfg: TrainConfig,
+             quality: QualityModel | None = None, disc: Discriminator | None = None) -> dict[str, float]:
+    """Policy (deterministic) vs full compute on ``prompts``, image i from seed i, side by side.
 
-    The two alternate batch by batch, so both see the same machine load; wall-clock covers the
-    sampler with the controller's own overhead (prompts are encoded beforehand, for both).
+    The two alternate batch by batch, so both see the same machine load; wall-clock is the
+    generator's denoising time, the controller's own overhead included. Reward terms (``_full``:
+    of full compute) when the models are given; checker accuracy and equivalent steps by prompt
+    complexity when the generator has a checker (the embedded world).
     """
     controllers = {"full": FullCompute(), "policy": policy}
-    images: dict[str, list[Tensor]] = {name: [] for name in controllers}
-    k: dict[str, list[Tensor]] = {name: [] for name in controllers}
-    seconds = dict.fromkeys(controllers, 0.0)
+    runs: dict[str, list[Generation]] = {name: [] for name in controllers}
     sampling, policy.sampling = policy.sampling, False
-    pipe.encode([s.caption for s in specs])  # warm the encoder's cache: not timed, for neither side
-    for start in range(0, len(specs), cfg.eval_batch):
-        prompts = [s.caption for s in specs[start:start + cfg.eval_batch]]
-        seeds = list(range(start, start + len(prompts)))
+    for start in range(0, len(prompts), cfg.eval_batch):
+        batch = prompts[start:start + cfg.eval_batch]
+        seeds = list(range(start, start + len(batch)))
         for name, controller in controllers.items():
-            tic = time.perf_counter()
-            result = sample_images(pipe, prompts, seeds, controller, step_cap=cfg.step_cap,
-                                   guidance_scale=cfg.guidance_scale)
-            seconds[name] += time.perf_counter() - tic
-            images[name].append(result.latents.clamp(-1, 1))
-            k[name].append(result.stats.equivalent_steps)
+            runs[name].append(pipe.sample(batch, seeds, controller, step_cap=cfg.step_cap,
+                                          guidance_scale=cfg.guidance_scale))
     policy.sampling = sampling
-    images = {name: torch.cat(parts) for name, parts in images.items()}
-    k = {name: torch.cat(parts) for name, parts in k.items()}
-    accuracy = {name: checker_accuracy(list(to_uint8(images[name])), specs) for name in controllers}
-    metrics = {"eval/accuracy": accuracy["policy"]["accuracy"], "eval/accuracy_full": accuracy["full"]["accuracy"],
-               "eval/equivalent_steps": k["policy"].mean().item(),
+    images = {name: torch.cat([g.images for g in gens]) for name, gens in runs.items()}
+    k = {name: torch.cat([g.stats.equivalent_steps for g in gens]) for name, gens in runs.items()}
+    seconds = {name: sum(g.seconds for g in gens) for name, gens in runs.items()}
+    metrics = {"eval/equivalent_steps": k["policy"].mean().item(),
                "eval/speedup_flops": k["full"].mean().item() / k["policy"].mean().item(),
                "eval/speedup_wall": seconds["full"] / seconds["policy"]}
-    complexity = torch.tensor([s.complexity for s in specs])
+    for name, suffix in (("policy", ""), ("full", "_full")):
+        scores = image_rewards(images[name], prompts, k[name], quality, disc, lam=cfg.lam, omega=cfg.omega)
+        metrics[f"eval/reward{suffix}"] = scores["reward"].mean().item()
+        if quality is not None:
+            metrics[f"eval/quality{suffix}"] = scores["quality"].mean().item()
+        if disc is not None:
+            metrics[f"eval/disc{suffix}"] = scores["disc"].mean().item()
+    if pipe.checker is not None:
+        metrics |= checker_metrics(pipe.checker, images, k["policy"], prompts)
+    return metrics
+
+
+def checker_metrics(checker: Checker, images: dict[str, Tensor], k: Tensor, prompts: list[str]) -> dict[str, float]:
+    """Checker accuracy of the policy's and full compute's images, and the policy's K by prompt complexity."""
+    metrics = {"eval/accuracy": checker.accuracy(images["policy"], prompts),
+               "eval/accuracy_full": checker.accuracy(images["full"], prompts)}
+    complexity = torch.tensor(checker.complexity(prompts))
     for c in complexity.unique().tolist():  # adaptivity: simple scenes should cost less
-        metrics[f"eval/equivalent_steps/objects_{c}"] = k["policy"][complexity == c].mean().item()
-    if quality is not None:
-        captions = [s.caption for s in specs]
-        metrics["eval/quality"] = quality.score(images["policy"], captions).mean().item()
-        metrics["eval/quality_full"] = quality.score(images["full"], captions).mean().item()
+        metrics[f"eval/equivalent_steps/objects_{c}"] = k[complexity == c].mean().item()
     return metrics
 
 
@@ -282,19 +309,61 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
                               "or choose another --out.")
     state = load_checkpoint(path) if resume else None  # before any work: a bad checkpoint fails fast
     torch.manual_seed(cfg.seed)
-    pipe = EmbeddedPipeline.from_pretrained(cfg.model)
+    parts = _pipeline_parts(cfg) if cfg.pipeline else _embedded_parts(cfg)
+    policy = parts.policy
+    run = Run(cfg, parts.pipe, policy, torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
+              parts.quality, parts.disc, ReplayBuffer(cfg.replay_capacity, seed=cfg.seed),
+              ReplayBuffer(cfg.replay_capacity, seed=cfg.seed + 1), np.random.default_rng(cfg.seed),
+              train_prompts=parts.train_prompts, eval_prompts=parts.eval_prompts)
+    if state is not None:
+        run.load_state_dict(state)
+    return run
+
+
+class _Parts(NamedTuple):
+    """What differs between the embedded world and a real pipeline."""
+
+    pipe: Generator
+    policy: RapidPolicy
+    quality: QualityModel | None
+    disc: ModuleDiscriminator | None
+    train_prompts: list[str] | None
+    eval_prompts: list[str]
+
+
+def _embedded_parts(cfg: TrainConfig) -> _Parts:
+    """The embedded model, its policy, learned reward model and conv discriminator; prompts from the grammar."""
+    pipe = EmbeddedGenerator(EmbeddedPipeline.from_pretrained(cfg.model))
     policy = RapidPolicy.for_backbone(pipe.backbone, **cfg.policy_kwargs())
-    quality = EmbeddedQuality(load_reward_model(cfg.reward_model), pipe.encoder) if cfg.uses_quality else None
+    quality = EmbeddedQuality(load_reward_model(cfg.reward_model), pipe.pipe.encoder) if cfg.uses_quality else None
     disc = None
     if cfg.uses_discriminator:
         width = cfg.disc_width
         disc = ModuleDiscriminator(ImageDiscriminator(channels=(width, 2 * width, 4 * width)), lr=cfg.disc_lr)
-    run = Run(cfg, pipe, policy, torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
-              quality, disc, ReplayBuffer(cfg.replay_capacity, seed=cfg.seed),
-              ReplayBuffer(cfg.replay_capacity, seed=cfg.seed + 1), np.random.default_rng(cfg.seed))
-    if state is not None:
-        run.load_state_dict(state)
-    return run
+    return _Parts(pipe, policy, quality, disc, None, [spec.caption for spec in heldout_prompts(cfg.eval_prompts)])
+
+
+def _pipeline_parts(cfg: TrainConfig) -> _Parts:
+    """A diffusers pipeline, its policy, the CLIP score and CLIP-adapter discriminator; prompts from files.
+
+    Prompts and reward models load first, so a bad file or a missing model fails before the
+    (large) pipeline loads, and everything before any sampling.
+    """
+    prompts = read_prompts(cfg.prompt_file)
+    if cfg.eval_prompt_file is None:
+        train_prompts, eval_prompts = split_prompts(prompts, cfg.eval_prompts, seed=EVAL_SEED)
+    else:
+        train_prompts, eval_prompts = prompts, read_prompts(cfg.eval_prompt_file)[:cfg.eval_prompts]
+    device = resolve_device(cfg.device)
+    quality = CLIPScore.from_pretrained(cfg.reward_model, device=device) if cfg.uses_quality else None
+    disc = None
+    if cfg.uses_discriminator:
+        disc = CLIPAdapterDiscriminator.from_pretrained(cfg.disc_model or cfg.reward_model, device=device,
+                                                        hidden=cfg.disc_width, lr=cfg.disc_lr)
+    pipe = PipelineGenerator.from_pretrained(cfg.pipeline, device=cfg.device, dtype=cfg.dtype, height=cfg.height,
+                                             width=cfg.width, image_size=cfg.reward_image_size)
+    policy = RapidPolicy.for_backbone(pipe.backbone, **cfg.policy_kwargs()).to(device)
+    return _Parts(pipe, policy, quality, disc, train_prompts, eval_prompts)
 
 
 class RunLog:
@@ -334,18 +403,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Run:
     out.mkdir(parents=True, exist_ok=True)
     run = build_run(cfg, resume=resume)
     cfg.to_yaml(out / CONFIG_FILE)
-    specs = heldout_prompts(cfg.eval_prompts)
     log = RunLog(out, run.iteration)
     bar = tqdm(total=cfg.iterations, initial=run.iteration, desc="grpo", unit="it", dynamic_ncols=True)
     try:
         while run.iteration < cfg.iterations:
             tic = time.perf_counter()
-            metrics = train_iteration(run, *training_prompts(run.prompt_rng, cfg.prompts_per_iteration))
+            metrics = train_iteration(run, *training_prompts(run.prompt_rng, cfg.prompts_per_iteration,
+                                                             run.train_prompts))
             metrics["time/iteration_seconds"] = time.perf_counter() - tic
             run.iteration += 1
             last = run.iteration == cfg.iterations
             if run.iteration % cfg.eval_every == 0 or last:
-                run.last_eval = evaluate(run.pipe, run.policy, specs, cfg, run.quality)
+                run.last_eval = evaluate(run.pipe, run.policy, run.eval_prompts, cfg, run.quality, run.disc)
                 metrics |= run.last_eval
                 bar.write(_eval_line(run.iteration, run.last_eval))
             log.write(run.iteration, metrics)
@@ -361,13 +430,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Run:
 
 
 def _postfix(metrics: dict[str, float], last_eval: dict[str, float]) -> dict[str, str]:
-    """Live numbers: this iteration's reward, FLOP speedup and rollout accuracy, the last held-out accuracy."""
-    held_out = last_eval.get("eval/accuracy")
-    return {"reward": f"{metrics['train/reward']:.3f}", "speedup": f"{metrics['train/speedup']:.2f}x",
-            "acc": f"{metrics['train/accuracy']:.2f}", "eval_acc": "-" if held_out is None else f"{held_out:.2f}"}
+    """Live numbers: this iteration's reward and FLOP speedup; with a checker, rollout and last held-out accuracy."""
+    postfix = {"reward": f"{metrics['train/reward']:.3f}", "speedup": f"{metrics['train/speedup']:.2f}x"}
+    if "train/accuracy" in metrics:
+        held_out = last_eval.get("eval/accuracy")
+        postfix |= {"acc": f"{metrics['train/accuracy']:.2f}",
+                    "eval_acc": "-" if held_out is None else f"{held_out:.2f}"}
+    return postfix
 
 
 def _eval_line(iteration: int, metrics: dict[str, float]) -> str:
-    return (f"iteration {iteration}: held-out accuracy {metrics['eval/accuracy']:.3f} "
-            f"(full compute {metrics['eval/accuracy_full']:.3f}), K {metrics['eval/equivalent_steps']:.1f}, "
+    """The held-out result: checker accuracy where there is a checker, else the reward, beside full compute's."""
+    name = "accuracy" if "eval/accuracy" in metrics else "reward"
+    return (f"iteration {iteration}: held-out {name} {metrics[f'eval/{name}']:.3f} "
+            f"(full compute {metrics[f'eval/{name}_full']:.3f}), K {metrics['eval/equivalent_steps']:.1f}, "
             f"speedup {metrics['eval/speedup_flops']:.2f}x FLOPs / {metrics['eval/speedup_wall']:.2f}x wall-clock")
