@@ -252,7 +252,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     run = train(cfg, resume=args.resume)
-    print(f"trained {run.iteration} iterations; policy in {Path(cfg.out) / EXPORT}")
+    if run.stopped_by:  # checkpointed and resumable, but not finished: exit as a shell reports the signal
+        return 128 + run.stopped_by
+    if run.world.is_main:
+        print(f"trained {run.iteration} iterations; policy in {Path(cfg.out) / EXPORT}")
     return 0
 
 

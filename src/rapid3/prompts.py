@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 SUFFIXES = (".txt", ".jsonl")
+MAX_BYTES = 1 << 30
+"""Largest prompt file read (1 GiB, tens of millions of captions): anything bigger is not a prompt list."""
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -26,7 +28,13 @@ def read_prompts(path: str | Path) -> list[str]:
                          f"({{\"prompt\": ...}} per line), got suffix {path.suffix or '(none)'!r}.")
     if not path.is_file():
         raise FileNotFoundError(f"no prompt file at {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.stat().st_size > MAX_BYTES:
+        raise ValueError(f"prompt file {path} is {path.stat().st_size / 2**30:.1f} GiB; prompt files are read whole, "
+                         f"up to {MAX_BYTES / 2**30:.0f} GiB: is it the right file? Give a sample of the prompts.")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {error.start}: {error.reason}).") from None
     read = _jsonl_prompt if path.suffix == ".jsonl" else _text_prompt
     prompts = [read(line, f"{path}:{number}") for number, line in enumerate(lines, 1) if line.strip()]
     if not prompts:

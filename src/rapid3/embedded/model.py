@@ -67,7 +67,9 @@ def load_embedded(path: str | Path | None = None, dtype: torch.dtype = torch.flo
             "train one with `python -m rapid3.embedded.train_generator --out DIR` and export it with "
             "`--resume --steps 0 --export PATH`"
         )
-    transformer = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    # safetensors only: a pickled .bin could run code on load
+    transformer = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
+                                                        use_safetensors=True)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, local_files_only=True)
     return transformer.eval().requires_grad_(False), scheduler
 

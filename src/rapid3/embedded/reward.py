@@ -164,7 +164,8 @@ def load_reward_model(path: str | Path | None = None) -> RewardModel:
             f"no reward model at {path} (need config.json and the safetensors weights); train one with "
             "`python -m rapid3.embedded.reward --out DIR` and export it with `--resume --steps 0 --export PATH`")
     # low_cpu_mem_usage=False: the model is tiny, and it spares a warning when `accelerate` is absent
-    model = RewardModel.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+    model = RewardModel.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False,
+                                        use_safetensors=True)  # never a pickled .bin: it could run code
     return model.eval().requires_grad_(False)
 
 

@@ -60,7 +60,7 @@ class RapidPolicy(ModelMixin, ConfigMixin):
                  init_reuse_prob: float = 0.2, init_dense_prob: float = 0.7) -> None:
         super().__init__()
         _check_config(step_skip=step_skip, cache_reuse=cache_reuse, sparse_attention=sparse_attention,
-                      default_steps=default_steps, init_ratio=init_ratio, init_concentration=init_concentration,
+                      num_sparse_levels=num_sparse_levels, default_steps=default_steps, init_ratio=init_ratio, init_concentration=init_concentration,
                       init_reuse_prob=init_reuse_prob, init_dense_prob=init_dense_prob)
         width = hidden_dim
         self.token_proj = nn.Linear(3 * latent_channels * patch_size**2, width)
@@ -84,9 +84,10 @@ class RapidPolicy(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> RapidPolicy:
-        """diffusers' loader (safetensors + config.json). The policy is tiny, so it is loaded eagerly:
-        no ``accelerate`` needed and no warning about its absence."""
+        """diffusers' loader (safetensors + config.json; never a pickled .bin, which could run code). The
+        policy is tiny, so it is loaded eagerly: no ``accelerate`` needed and no warning about its absence."""
         kwargs.setdefault("low_cpu_mem_usage", False)
+        kwargs.setdefault("use_safetensors", True)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def reset(self, batch_size: int) -> None:
@@ -151,11 +152,14 @@ class RapidPolicy(ModelMixin, ConfigMixin):
         return Decision(ratio, reuse, actions.level.to(device).long())
 
 
-def _check_config(*, step_skip: bool, cache_reuse: bool, sparse_attention: bool, default_steps: int | None,
-                  init_ratio: float, init_concentration: float, init_reuse_prob: float,
+def _check_config(*, step_skip: bool, cache_reuse: bool, sparse_attention: bool, num_sparse_levels: int,
+                  default_steps: int | None, init_ratio: float, init_concentration: float, init_reuse_prob: float,
                   init_dense_prob: float) -> None:
     if not (step_skip or cache_reuse or sparse_attention):
         raise ValueError("RapidPolicy needs at least one head enabled (step_skip, cache_reuse, sparse_attention).")
+    if not 1 <= num_sparse_levels <= NUM_SPARSE_LEVELS:
+        raise ValueError(f"num_sparse_levels must be in 1..{NUM_SPARSE_LEVELS} (the sampler's sparse levels), "
+                         f"got {num_sparse_levels}.")
     if default_steps is not None and (not isinstance(default_steps, int) or default_steps < 1):
         raise ValueError(f"default_steps must be None or a positive integer, got {default_steps!r}.")
     for name, value in (("init_ratio", init_ratio), ("init_reuse_prob", init_reuse_prob),

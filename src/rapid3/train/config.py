@@ -190,7 +190,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a YAML file of knobs ({' '.join(str(error).split())}).") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must map knob names to values, e.g. 'group_size: 8'.")
     return _checked(values, source=str(path))

@@ -2,6 +2,7 @@
 
     rapid3 train --out runs/rapid3 [--config run.yaml] [--resume] [--group-size 8 ...]
     rapid3 train --pipeline PATH_OR_ID --prompt-file prompts.txt --reward-model CLIP_PATH_OR_ID ...
+    torchrun --nproc_per_node N -m rapid3 train ...     # one process per GPU: rapid3.train.distributed
 
 Both sample through a ``Generator`` (``rapid3.generators``): the embedded model, or the pipeline
 accelerated by ``rapid3.accelerate``. The embedded world's reward model is its learned one and its
@@ -35,6 +36,8 @@ knob on the shipped embedded model and reward model, copied into the package::
 from __future__ import annotations
 
 import json
+import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +60,8 @@ from ..rewards.clip import CLIPAdapterDiscriminator, CLIPScore
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, POLICY_FIELDS, TrainConfig
 from .discriminator import Discriminator, ImageDiscriminator, ModuleDiscriminator, ReplayBuffer
+from .distributed import MINIBATCHES, RANKS, AveragedGradients, GroupStreams, World, joined_world, stream_seed
+from .faults import StopSignals, drop_nonfinite_groups, logger
 from .grpo import discounted_reward, group_advantages, grpo_loss, zero_spread_fraction
 from .rollout import Rollouts, rollout
 
@@ -108,37 +113,56 @@ def rollout_rewards(rollouts: Rollouts, quality: QualityModel | None, disc: Disc
 
 
 def policy_update(policy: RapidPolicy, optimizer: torch.optim.Optimizer, rollouts: Rollouts, advantages: Tensor,
-                  cfg: TrainConfig) -> dict[str, float]:
-    """``inner_epochs`` passes of ``minibatches`` clipped-surrogate steps; means over the steps."""
+                  cfg: TrainConfig, world: World, generator: torch.Generator) -> dict[str, float]:
+    """``inner_epochs`` passes of ``minibatches`` clipped-surrogate steps; means over the steps.
+
+    Minibatches split every rank's trajectories (``World.minibatches``; ``generator`` in the same
+    state on all ranks). A rank's per-decision mean loss is weighted by ``size`` x its share of the
+    minibatch's decisions, so the gradient averaged over ranks is the one of the whole minibatch's
+    per-decision mean; the statistics are weighted alike, so their mean over ranks is the global one.
+    """
     steps = []
     for _ in range(cfg.inner_epochs):
-        for index in torch.randperm(len(rollouts)).tensor_split(cfg.minibatches):
+        for index in world.minibatches(len(rollouts), cfg.minibatches, generator):
             batch = rollouts.subset(index)
-            new = batch.log_probs(policy)
-            loss = grpo_loss(new, batch.old_log_probs, advantages[index], clip=cfg.clip, mask=batch.mask)
+            decisions = int(batch.mask.sum())
+            total = world.sum(decisions)
+            if total == 0:  # empty on every rank (their groups were dropped): no step anywhere
+                continue
+            weight = world.size * decisions / total  # 1.0 on one process
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            stats = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0}
+            if decisions:
+                new = batch.log_probs(policy)
+                loss = weight * grpo_loss(new, batch.old_log_probs, advantages[index], clip=cfg.clip, mask=batch.mask)
+                loss.backward()
+                log_ratio = (new.detach() - batch.old_log_probs)[batch.mask]
+                ratio = log_ratio.exp()
+                stats = {"loss": loss.item(),
+                         "clip_fraction": weight * ((ratio - 1).abs() > cfg.clip).float().mean().item(),
+                         # k3 estimator of KL(old || new)
+                         "approx_kl": weight * ((ratio - 1) - log_ratio).mean().item()}
+            world.average_gradients(policy.parameters())  # before clipping: every rank clips the same gradient
             grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             optimizer.step()
-            log_ratio = (new.detach() - batch.old_log_probs)[batch.mask]
-            ratio = log_ratio.exp()
-            steps.append({"loss": loss.item(), "grad_norm": grad_norm.item(),
-                          "clip_fraction": ((ratio - 1).abs() > cfg.clip).float().mean().item(),
-                          "approx_kl": ((ratio - 1) - log_ratio).mean().item()})  # k3 estimator of KL(old || new)
+            steps.append({**stats, "grad_norm": grad_norm.item()})
     return _means("policy", steps)
 
 
 def discriminator_update(disc: Discriminator, positives: ReplayBuffer, negatives: ReplayBuffer,
-                         cfg: TrainConfig) -> dict[str, float]:
-    """``disc_steps`` updates on ``disc_batch`` images per class drawn from the replay buffers."""
-    steps = [disc.step(positives.sample(cfg.disc_batch), negatives.sample(cfg.disc_batch))
+                         cfg: TrainConfig, world: World) -> dict[str, float]:
+    """``disc_steps`` updates on ``disc_batch`` images per class drawn from the replay buffers, which
+    hold every rank's images; each rank trains on its equal share of every batch."""
+    if min(len(positives), len(negatives)) < world.size:  # too few to share (every rollout so far dropped)
+        return {}
+    steps = [disc.step(world.share(positives.sample(cfg.disc_batch)), world.share(negatives.sample(cfg.disc_batch)))
              for _ in range(cfg.disc_steps)]
     return _means("disc", steps)
 
 
 def _means(prefix: str, steps: list[dict[str, float]]) -> dict[str, float]:
-    """Each statistic averaged over the update steps, as ``prefix/name``."""
-    return {f"{prefix}/{key}": float(np.mean([step[key] for step in steps])) for key in steps[0]}
+    """Each statistic averaged over the update steps, as ``prefix/name`` (nothing for no step)."""
+    return {f"{prefix}/{key}": float(np.mean([step[key] for step in steps])) for key in steps[0]} if steps else {}
 
 
 # ----------------------------------------------------------------------------- one iteration
@@ -161,6 +185,9 @@ class Run:
     last_eval: dict[str, float] = field(default_factory=dict)
     train_prompts: list[str] | None = None  # a pipeline's prompt file; None: the embedded scene grammar
     eval_prompts: list[str] = field(default_factory=list)
+    world: World = field(default_factory=World)
+    stopped_by: int = 0
+    """The signal (SIGTERM, SIGINT) that stopped ``train`` before ``iterations``; 0 if none did."""
 
     def state_dict(self) -> dict[str, Any]:
         """Policy, discriminator, optimisers, replay buffers, RNG states, iteration and config."""
@@ -179,7 +206,11 @@ class Run:
         if changed:
             raise ValueError("a resumed run cannot change " + ", ".join(
                 f"{name} (saved {saved[name]!r}, given {getattr(self.cfg, name)!r})" for name in changed) + ".")
-        self.policy.load_state_dict(state["policy"])
+        try:
+            self.policy.load_state_dict(state["policy"])
+        except RuntimeError as error:  # the policy's shapes come from the backbone it was built for
+            raise ValueError("the checkpoint's policy was built for another model (its tensor shapes differ); resume "
+                             "with the model the run was started with.") from error
         self.optimizer.load_state_dict(state["optimizer"])
         self.positives.load_state_dict(state["positives"])
         self.negatives.load_state_dict(state["negatives"])
@@ -201,21 +232,33 @@ def training_prompts(rng: np.random.Generator, n: int, pool: list[str] | None = 
 
 
 def train_iteration(run: Run, prompts: list[str], seeds: list[int]) -> dict[str, float]:
-    """One GRPO iteration on these prompts (this rank's share): rollout, reward, advantages, updates."""
-    cfg = run.cfg
-    rollouts = rollout(run.pipe, run.policy, prompts, seeds, group_size=cfg.group_size, step_cap=cfg.step_cap,
-                       guidance_scale=cfg.guidance_scale)
+    """One GRPO iteration on these prompts (this rank's share): rollout, reward, advantages, updates.
+
+    Groups with a NaN or infinity are dropped with a warning (``train/dropped_fraction``); if every
+    group of every rank is, ValueError. Returns the metrics averaged over ranks.
+    """
+    cfg, world = run.cfg, run.world
+    torch.manual_seed(stream_seed(RANKS, cfg.seed, run.iteration, world.rank))  # anything else drawing: per rank
+    rollouts = rollout(run.pipe, GroupStreams(run.policy, seeds, cfg.group_size), prompts, seeds,
+                       group_size=cfg.group_size, step_cap=cfg.step_cap, guidance_scale=cfg.guidance_scale)
     scores = rollout_rewards(rollouts, run.quality, run.disc, lam=cfg.lam, omega=cfg.omega)
+    rollouts, scores, dropped = drop_nonfinite_groups(rollouts, scores)
+    if world.sum(len(rollouts)) == 0:
+        raise ValueError(f"every rollout of iteration {run.iteration + 1} has a NaN or infinity: the model, reward "
+                         "model or policy is broken. The last checkpoint was kept.")
     advantages = group_advantages(scores["reward"], cfg.group_size)
-    metrics = rollout_metrics(rollouts, scores, cfg, run.pipe.checker)
-    metrics |= policy_update(run.policy, run.optimizer, rollouts, advantages, cfg)
+    metrics = {"train/dropped_fraction": dropped / len(prompts)}
+    if len(rollouts):  # else this rank's groups were all dropped: the other ranks report
+        metrics |= rollout_metrics(rollouts, scores, cfg, run.pipe.checker)
+    minibatch_rng = torch.Generator().manual_seed(stream_seed(MINIBATCHES, cfg.seed, run.iteration))
+    metrics |= policy_update(run.policy, run.optimizer, rollouts, advantages, cfg, world, minibatch_rng)
     if run.disc is not None:
         originals = run.pipe.sample(prompts, seeds, FullCompute(), step_cap=cfg.step_cap,
-                                    guidance_scale=cfg.guidance_scale)
-        run.positives.push(originals.images)
-        run.negatives.push(rollouts.images)
-        metrics |= discriminator_update(run.disc, run.positives, run.negatives, cfg)
-    return metrics
+                                    guidance_scale=cfg.guidance_scale).images
+        run.positives.push(world.gather_rows(originals[originals.flatten(1).isfinite().all(1)]))
+        run.negatives.push(world.gather_rows(rollouts.images))
+        metrics |= discriminator_update(run.disc, run.positives, run.negatives, cfg, world)
+    return world.mean(metrics)
 
 
 def rollout_metrics(rollouts: Rollouts, scores: dict[str, Tensor], cfg: TrainConfig,
@@ -299,8 +342,13 @@ def checker_metrics(checker: Checker, images: dict[str, Tensor], k: Tensor, prom
 # ----------------------------------------------------------------------------- the run
 
 
-def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
-    """A fresh run from ``cfg``, or, with ``resume``, the one checkpointed in ``cfg.out``."""
+def build_run(cfg: TrainConfig, *, resume: bool = False, world: World | None = None) -> Run:
+    """A fresh run from ``cfg``, or, with ``resume``, the one checkpointed in ``cfg.out``; ``world``: this
+    process's place in a distributed run (default: the only process)."""
+    world = world or World()
+    if cfg.prompts_per_iteration % world.size:
+        raise ValueError(f"prompts_per_iteration ({cfg.prompts_per_iteration}) must be a multiple of the number of "
+                         f"processes ({world.size}): each rolls out whole groups of an equal share of the prompts.")
     path = Path(cfg.out) / CHECKPOINT
     if resume and not path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {path}")
@@ -311,10 +359,12 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
     torch.manual_seed(cfg.seed)
     parts = _pipeline_parts(cfg) if cfg.pipeline else _embedded_parts(cfg)
     policy = parts.policy
+    if parts.disc is not None:
+        parts.disc.optimizer = AveragedGradients(parts.disc.optimizer, world)
     run = Run(cfg, parts.pipe, policy, torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay),
               parts.quality, parts.disc, ReplayBuffer(cfg.replay_capacity, seed=cfg.seed),
               ReplayBuffer(cfg.replay_capacity, seed=cfg.seed + 1), np.random.default_rng(cfg.seed),
-              train_prompts=parts.train_prompts, eval_prompts=parts.eval_prompts)
+              train_prompts=parts.train_prompts, eval_prompts=parts.eval_prompts, world=world)
     if state is not None:
         run.load_state_dict(state)
     return run
@@ -398,35 +448,69 @@ def export_policy(run: Run, path: Path) -> None:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> Run:
-    """Train (or, with ``resume``, continue) the policy up to ``cfg.iterations``; export it to ``out/policy``."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = build_run(cfg, resume=resume)
-    cfg.to_yaml(out / CONFIG_FILE)
-    log = RunLog(out, run.iteration)
-    bar = tqdm(total=cfg.iterations, initial=run.iteration, desc="grpo", unit="it", dynamic_ncols=True)
-    try:
-        while run.iteration < cfg.iterations:
-            tic = time.perf_counter()
-            metrics = train_iteration(run, *training_prompts(run.prompt_rng, cfg.prompts_per_iteration,
-                                                             run.train_prompts))
-            metrics["time/iteration_seconds"] = time.perf_counter() - tic
-            run.iteration += 1
-            last = run.iteration == cfg.iterations
-            if run.iteration % cfg.eval_every == 0 or last:
-                run.last_eval = evaluate(run.pipe, run.policy, run.eval_prompts, cfg, run.quality, run.disc)
-                metrics |= run.last_eval
-                bar.write(_eval_line(run.iteration, run.last_eval))
-            log.write(run.iteration, metrics)
-            bar.update(1)
-            bar.set_postfix(_postfix(metrics, run.last_eval))
-            if run.iteration % cfg.checkpoint_every == 0 or last:
+    """Train (or, with ``resume``, continue) the policy up to ``cfg.iterations``; export it to ``out/policy``.
+
+    Under torchrun every process runs this on its share of each iteration's prompts, and rank 0
+    alone evaluates and writes the run folder. SIGTERM or SIGINT stops every rank after the same
+    iteration, with a final checkpoint and no export; ``Run.stopped_by`` then names the signal.
+    """
+    with joined_world() as world, StopSignals() as signals:
+        out = Path(cfg.out)
+        if world.is_main:
+            make_run_folder(out)
+        run = build_run(cfg, resume=resume, world=world)
+        if world.is_main:
+            cfg.to_yaml(out / CONFIG_FILE)
+            log = RunLog(out, run.iteration)
+        bar = tqdm(total=cfg.iterations, initial=run.iteration, desc="grpo", unit="it", dynamic_ncols=True,
+                   disable=not world.is_main)
+        saved = run.iteration
+        try:
+            while run.iteration < cfg.iterations:
+                run.stopped_by = int(world.max(signals.received))  # agreed: every rank stops after the same iteration
+                if run.stopped_by:
+                    break
+                tic = time.perf_counter()
+                everyone = training_prompts(run.prompt_rng, cfg.prompts_per_iteration, run.train_prompts)
+                metrics = train_iteration(run, *(world.shard(items) for items in everyone))
+                metrics["time/iteration_seconds"] = time.perf_counter() - tic
+                run.iteration += 1
+                last = run.iteration == cfg.iterations
+                if not world.is_main:
+                    continue
+                if run.iteration % cfg.eval_every == 0 or last:
+                    run.last_eval = evaluate(run.pipe, run.policy, run.eval_prompts, cfg, run.quality, run.disc)
+                    metrics |= run.last_eval
+                    bar.write(_eval_line(run.iteration, run.last_eval))
+                log.write(run.iteration, metrics)
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics, run.last_eval))
+                if run.iteration % cfg.checkpoint_every == 0 or last:
+                    save_checkpoint(out / CHECKPOINT, run.state_dict())
+                    saved = run.iteration
+        finally:
+            bar.close()
+            if world.is_main:
+                log.close()
+        if world.is_main and run.stopped_by:
+            if saved != run.iteration:
                 save_checkpoint(out / CHECKPOINT, run.state_dict())
-    finally:
-        bar.close()
-        log.close()
-    export_policy(run, out / EXPORT)
+            logger.warning("stopped by %s after iteration %d; continue with `rapid3 train --out %s --resume`.",
+                           signal.Signals(run.stopped_by).name, run.iteration, out)
+        elif world.is_main:
+            export_policy(run, out / EXPORT)
     return run
+
+
+def make_run_folder(out: Path) -> None:
+    """Create the run folder and prove it writable, before anything is loaded or computed."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise PermissionError(f"cannot write the run folder {out} ({error.strerror or error}); choose another --out.") \
+            from error
 
 
 def _postfix(metrics: dict[str, float], last_eval: dict[str, float]) -> dict[str, str]:

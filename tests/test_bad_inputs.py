@@ -1,0 +1,218 @@
+"""The bad-input table of docs/bad_inputs.md, row by row: every bad file, flag or argument of the CLI and the
+Python API gives its clear error (CLI: exit status 2 and the message on stderr, no traceback)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel
+from safetensors.torch import load_file
+from test_trainer import SMALL, models  # noqa: F401  (the module-scoped tiny models fixture)
+
+from rapid3 import prompts
+from rapid3.baselines.steps import StaticSparse
+from rapid3.cli import main
+from rapid3.embedded.model import embedded_transformer_config
+from rapid3.embedded.pipeline import EmbeddedPipeline
+from rapid3.policy import RapidPolicy
+from rapid3.train.checkpoint import CheckpointError, load_checkpoint
+from rapid3.train.config import TrainConfig
+from rapid3.train.distributed import World, world_from_env
+from rapid3.train.trainer import build_run, train
+
+TABLE = Path(__file__).resolve().parents[1] / "docs" / "bad_inputs.md"
+WEIGHTS = "diffusion_pytorch_model"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the table: a ``rapid3`` command line (``argv``) or a Python call (``call``) and its error."""
+
+    id: str
+    message: str
+    argv: Callable[[Any], list[str]] | None = None
+    call: Callable[[Any], object] | None = None
+    error: type[Exception] = ValueError
+
+
+def pickled(folder: Path) -> Path:
+    """``folder`` with its safetensors weights replaced by a pickled ``.bin`` of the same tensors."""
+    weights = folder / f"{WEIGHTS}.safetensors"
+    torch.save(load_file(weights), folder / f"{WEIGHTS}.bin")
+    weights.unlink()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def f(models, tmp_path_factory):  # noqa: F811
+    """Every bad file of the table, next to good ones (``f.model``, ``f.reward``, ``f.run``: a 1-iteration run)."""
+    root = tmp_path_factory.mktemp("bad")
+    model, reward = Path(models["model"]), Path(models["reward_model"])
+    corrupt = Path(shutil.copytree(model, root / "corrupt-model"))
+    data = (corrupt / f"{WEIGHTS}.safetensors").read_bytes()
+    (corrupt / f"{WEIGHTS}.safetensors").write_bytes(data[:len(data) // 2])
+    other = root / "other-model"  # another backbone shape: patches of 4 pixels
+    SD3Transformer2DModel(**embedded_transformer_config(num_layers=1, patch_size=4)).save_pretrained(other)
+    shutil.copy(model / "scheduler_config.json", other)
+    RapidPolicy(backbone_family="flux", latent_channels=16, pooled_dim=768, hidden_dim=8).save_pretrained(root / "flux")
+    RapidPolicy(latent_channels=3, pooled_dim=384, hidden_dim=8).save_pretrained(root / "bin-policy")
+    run = root / "run"
+    train(TrainConfig(**{**SMALL, "iterations": 1}, **models, out=str(run)))
+    (root / "empty.txt").write_text("\n  \n")
+    (root / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (root / "prompts.csv").write_text("a red circle\n")
+    (root / "big.txt").write_text("a red circle\n" * 4)
+    (root / "not-yaml.yaml").write_text("lam: [0.5\n")
+    (root / "typo.yaml").write_text("group_sise: 4\n")
+    (root / "a-file").write_text("")
+    torch.save({"iteration": 1}, root / "foreign.pt")
+    return SimpleNamespace(root=root, model=str(model), reward=str(reward), corrupt=str(corrupt), other=str(other),
+                           bin_model=str(pickled(Path(shutil.copytree(model, root / "bin-model")))),
+                           bin_reward=str(pickled(Path(shutil.copytree(reward, root / "bin-reward")))),
+                           bin_policy=str(pickled(root / "bin-policy")), flux=str(root / "flux"), run=run)
+
+
+def fresh(f, name: str) -> str:
+    """A folder for one case's run (nothing in it)."""
+    return str(f.root / "out" / name)
+
+
+def damaged_run(f, name: str, checkpoint: bytes) -> str:
+    """A copy of the 1-iteration run whose checkpoint.pt holds ``checkpoint``."""
+    out = Path(shutil.copytree(f.run, f.root / "runs" / name))
+    (out / "checkpoint.pt").write_bytes(checkpoint)
+    return str(out)
+
+
+def train_args(f, name: str, *more: str) -> list[str]:
+    return ["train", "--out", fresh(f, name), "--model", f.model, "--reward-model", f.reward, *more]
+
+
+def generate_args(f, *more: str) -> list[str]:
+    return ["generate", "--model", f.model, "--steps", "2", "--out", str(f.root / "img.png"), *more]
+
+
+def oversized_prompt_file(f) -> list[str]:
+    with mock.patch.object(prompts, "MAX_BYTES", 16):  # a real one would be over 1 GiB
+        return prompts.read_prompts(f.root / "big.txt")
+
+
+def sample_with_sparse_level(f, level: int) -> object:
+    return EmbeddedPipeline.from_pretrained(f.model)("a red circle", num_inference_steps=2,
+                                                     controller=StaticSparse(level))
+
+
+SAFETENSORS_ONLY = f"no file named {WEIGHTS}.safetensors"
+CASES = [
+    # --- rapid3 train: files
+    Case("model-missing", "no embedded model at", argv=lambda f: ["train", "--out", fresh(f, "a"), "--model",
+                                                                  str(f.root / "nothing")]),
+    Case("model-truncated", "Unable to load weights from checkpoint file",
+         argv=lambda f: train_args(f, "b", "--model", f.corrupt)),
+    Case("model-pickle", SAFETENSORS_ONLY, argv=lambda f: train_args(f, "c", "--model", f.bin_model)),
+    Case("reward-missing", "no reward model at", argv=lambda f: train_args(f, "d", "--reward-model",
+                                                                           str(f.root / "nothing"))),
+    Case("reward-pickle", SAFETENSORS_ONLY, argv=lambda f: train_args(f, "e", "--reward-model", f.bin_reward)),
+    Case("checkpoint-truncated", "checkpoint.pt is corrupt or truncated and cannot be resumed",
+         argv=lambda f: ["train", "--resume", "--out",
+                         damaged_run(f, "torn", (f.run / "checkpoint.pt").read_bytes()[:999])]),
+    Case("checkpoint-foreign", "is not a rapid3 training checkpoint",
+         argv=lambda f: ["train", "--resume", "--out",
+                         damaged_run(f, "foreign", (f.root / "foreign.pt").read_bytes())]),
+    Case("resume-nothing", "holds no run", argv=lambda f: ["train", "--resume", "--out", fresh(f, "f")]),
+    Case("run-exists", "already holds a run.*--resume", argv=lambda f: ["train", "--out", str(f.run)]),
+    Case("resume-other-backbone", "policy was built for another model",
+         argv=lambda f: ["train", "--resume", "--out", damaged_run(f, "other", (f.run / "checkpoint.pt").read_bytes()),
+                         "--model", f.other]),
+    Case("config-missing", "no config file at", argv=lambda f: ["train", "--config", str(f.root / "none.yaml")]),
+    Case("config-not-yaml", "not-yaml.yaml is not a YAML file of knobs",
+         argv=lambda f: ["train", "--config", str(f.root / "not-yaml.yaml")]),
+    Case("config-unknown-knob", "unknown knob 'group_sise'. Did you mean 'group_size'",
+         argv=lambda f: ["train", "--config", str(f.root / "typo.yaml")]),
+    Case("out-unwritable", "cannot write the run folder .*choose another --out",
+         argv=lambda f: train_args(f, "g", "--out", str(f.root / "a-file" / "run"))),
+    # --- rapid3 train: knobs
+    Case("lam-one", r"lam must lie strictly inside \(0, 1\), got 1.0",
+         argv=lambda f: train_args(f, "h", "--lam", "1")),
+    Case("lam-zero", r"lam must lie strictly inside \(0, 1\), got 0.0",
+         argv=lambda f: train_args(f, "i", "--lam", "0")),
+    Case("omega-negative", "omega must be >= 0", argv=lambda f: train_args(f, "j", "--omega", "-1")),
+    Case("group-size-one", "group_size must be >= 2", argv=lambda f: train_args(f, "k", "--group-size", "1")),
+    Case("step-cap-zero", "step_cap must be >= 1", argv=lambda f: train_args(f, "l", "--step-cap", "0")),
+    Case("knob-type", "argument --group-size: invalid int value", argv=lambda f: train_args(f, "m", "--group-size",
+                                                                                           "four")),
+    # --- rapid3 train --pipeline: prompt files
+    Case("pipeline-no-prompts", "a pipeline needs training prompts",
+         argv=lambda f: ["train", "--pipeline", str(f.root), "--out", fresh(f, "n")]),
+    Case("prompt-file-empty", "empty.txt holds no prompt",
+         argv=lambda f: ["train", "--pipeline", str(f.root), "--prompt-file", str(f.root / "empty.txt"),
+                         "--reward-model", f.reward, "--out", fresh(f, "o")]),
+    Case("prompt-file-binary", "binary.txt is not UTF-8 text",
+         argv=lambda f: ["train", "--pipeline", str(f.root), "--prompt-file", str(f.root / "binary.txt"),
+                         "--reward-model", f.reward, "--out", fresh(f, "p")]),
+    Case("prompt-file-suffix", "expected a .txt file .* got suffix '.csv'",
+         argv=lambda f: ["train", "--pipeline", str(f.root), "--prompt-file", str(f.root / "prompts.csv"),
+                         "--reward-model", f.reward, "--out", fresh(f, "q")]),
+    Case("prompt-file-oversized", "big.txt is .* GiB; prompt files are read whole", call=oversized_prompt_file),
+    # --- torchrun
+    Case("prompts-not-divisible", r"prompts_per_iteration \(3\) must be a multiple of the number of processes \(2\)",
+         call=lambda f: build_run(TrainConfig(**{**SMALL, "prompts_per_iteration": 3}, model=f.model,
+                                              reward_model=f.reward, out=fresh(f, "r")), world=World(0, 2))),
+    Case("torchrun-env-incomplete", "WORLD_SIZE is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT is not",
+         call=lambda f: world_from_env({"WORLD_SIZE": "2"})),
+    # --- rapid3 generate
+    Case("prompt-empty", "The prompt is empty", argv=lambda f: generate_args(f, " ")),
+    Case("prompt-too-long", "tokens long; the embedded model reads at most 16",
+         argv=lambda f: generate_args(f, "a red circle above a blue square " * 4)),
+    Case("policy-other-backbone", "this policy was trained for 'flux' pipelines.*but the pipeline is 'sd3'",
+         argv=lambda f: generate_args(f, "a red circle", "--policy", f.flux)),
+    Case("policy-pickle", SAFETENSORS_ONLY, argv=lambda f: generate_args(f, "a red circle", "--policy", f.bin_policy)),
+    Case("policy-unknown", "no policy 'fastest'",
+         argv=lambda f: generate_args(f, "a red circle", "--policy", "fastest")),
+    Case("out-folder-missing", "output folder .* does not exist",
+         argv=lambda f: ["generate", "a red circle", "--out", str(f.root / "nothing" / "img.png")]),
+    Case("steps-zero", "step_cap must be a positive integer, got 0",
+         argv=lambda f: generate_args(f, "a red circle", "--steps", "0")),
+    # --- Python API
+    Case("config-lam", r"lam must lie strictly inside \(0, 1\)", call=lambda f: TrainConfig(lam=-0.5)),
+    Case("policy-levels", "num_sparse_levels must be in 1..3", call=lambda f: RapidPolicy(num_sparse_levels=0)),
+    Case("sparse-level", "sparsity level must be in 0..3, got 4", call=lambda f: sample_with_sparse_level(f, 4)),
+    Case("policy-pickle-python", SAFETENSORS_ONLY, call=lambda f: RapidPolicy.from_pretrained(f.bin_policy),
+         error=OSError),
+    Case("checkpoint-empty-python", "is corrupt or truncated", error=CheckpointError,
+         call=lambda f: load_checkpoint(damaged_run(f, "empty", b"") + "/checkpoint.pt")),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_gives_its_clear_error(case, f, capsys):
+    if case.call is not None:
+        with pytest.raises(case.error, match=case.message):
+            case.call(f)
+        return
+    assert exit_status(case.argv(f)) == 2
+    err = capsys.readouterr().err
+    assert re.search(case.message, err), err
+    assert "Traceback" not in err
+
+
+def exit_status(argv: list[str]) -> int:
+    """What ``rapid3 argv`` exits with, argparse's usage errors included."""
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
+
+
+def test_the_table_in_the_docs_lists_exactly_these_cases():
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \|", TABLE.read_text(), flags=re.MULTILINE)
+    assert sorted(rows) == sorted(case.id for case in CASES)
