@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per size (after one warm-up)")
     parser.add_argument("--quick", action="store_true", help="3 rounds per size: a few minutes on 2 CPU cores")
     parser.add_argument("--out", type=Path, default=Path("bench-out/engine.json"), help="JSON output path")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     repeats = 3 if args.quick else args.repeats
     results = {}
     for tokens in args.sizes:
