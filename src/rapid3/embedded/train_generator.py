@@ -21,7 +21,6 @@ import json
 import os
 import signal
 import sys
-import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,11 +28,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
 from rapid3.embedded import scenes
+from rapid3.embedded.grid import caption_grid
 from rapid3.embedded.model import GUIDANCE_SCALE, SAMPLING_STEPS, embedded_scheduler_config, embedded_transformer_config
 from rapid3.embedded.text_encoder import UNCONDITIONAL_PROMPT, MiniLMTextEncoder
 
@@ -159,25 +159,15 @@ def grid_scenes() -> list[tuple[str, scenes.SceneSpec]]:
 
 
 def sample_grid(model: torch.nn.Module, encoder: MiniLMTextEncoder, cfg: TrainConfig, step: int,
-                rows: int = 2, scale: int = 4) -> Image.Image:
+                rows: int = 2) -> Image.Image:
     """Columns of captions: a reference render, then ``rows`` EMA samples, then the caption."""
     picked = grid_scenes()
     captions = [spec.caption for _, spec in picked]
     reference = [scenes.render(scenes.place(spec, np.random.default_rng(i))) for i, (_, spec) in enumerate(picked)]
-    samples = [sample_ema(model, encoder, captions, cfg, seed) for seed in range(rows)]
-    cell, pad, text_h, head_h = scenes.IMAGE_SIZE * scale, 4, 56, 16
-    font = ImageFont.load_default()
-    grid = Image.new("RGB", (len(picked) * (cell + pad) + pad, head_h + (rows + 1) * (cell + pad) + text_h), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((pad, 2), f"step {step}: top row a reference render, below EMA samples "
-                        f"({cfg.sample_steps} Euler steps, CFG {cfg.guidance})", fill="black", font=font)
-    for col, ((split, spec), ref) in enumerate(zip(picked, reference)):
-        x = pad + col * (cell + pad)
-        for row, image in enumerate([ref] + [s[col] for s in samples]):
-            grid.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (x, head_h + row * (cell + pad)))
-        text = "\n".join([f"[{split}]"] + textwrap.wrap(spec.caption, width=cell // 5))
-        draw.multiline_text((x, head_h + (rows + 1) * (cell + pad)), text, fill="black", font=font, spacing=1)
-    return grid
+    samples = [list(sample_ema(model, encoder, captions, cfg, seed)) for seed in range(rows)]
+    title = (f"step {step}: top row a reference render, below EMA samples "
+             f"({cfg.sample_steps} Euler steps, CFG {cfg.guidance})")
+    return caption_grid([reference, *samples], [f"[{split}] {spec.caption}" for split, spec in picked], title)
 
 
 # ----------------------------------------------------------------------------- checkpoints
