@@ -275,13 +275,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="a few prompts and short sweeps: a few minutes")
     parser.add_argument("--methods", default=None, help="comma-separated method names (default all; --list-methods)")
     parser.add_argument("--list-methods", action="store_true", help="print the registered methods and their knobs")
-    parser.add_argument("--prompts", type=int, default=None, help="held-out prompts (default 200; --quick 6)")
-    parser.add_argument("--singles", type=int, default=None, help="single-object prompts added (default 25; --quick 3)")
+    parser.add_argument("--prompts", type=int, default=None, help="held-out prompts (default 200; --quick 4)")
+    parser.add_argument("--singles", type=int, default=None, help="single-object prompts added (default 25; --quick 2)")
     parser.add_argument("--seed", type=int, default=None, help="image i is seeded SEED + i (default 0)")
     parser.add_argument("--repeats", type=int, default=None, help="latency rounds (default 5; --quick 2)")
     parser.add_argument("--timing-images", type=int, default=None, help="images timed per round (default 3; --quick 1)")
     parser.add_argument("--batch", type=int, default=None, help="images per sampler call in the quality pass")
     parser.add_argument("--calibration", type=Path, default=None, help="reuse an earlier run's calibration.json")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 avoids oversubscription on a busy machine")
     parser.add_argument("--reward", default=None, metavar="MODULE:FUNCTION", help="reward model: f(images, prompts)")
     parser.add_argument("--discriminator", default=None, metavar="MODULE:FUNCTION",
                         help="discriminator: f(images, prompts)")

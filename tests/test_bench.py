@@ -1,0 +1,103 @@
+"""`rapid3 bench` on a tiny exported model: every registered method runs (or is reported as unable
+to), metrics against full compute are consistent, and the report, JSON and plots are written."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+from rapid3.baselines.steps import FixedIntervalCache
+from rapid3.cli import main
+from rapid3.embedded.model import embedded_scheduler_config, embedded_transformer_config
+from rapid3.eval import bench
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("embedded")
+    torch.manual_seed(0)
+    SD3Transformer2DModel(**embedded_transformer_config(num_layers=2)).to(torch.float16).save_pretrained(path)
+    FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def results(tiny_model, tmp_path_factory):
+    # A method added from outside, as the learned policy will be: one registry call.
+    bench.register_controller("custom_reuse", "custom controller", "interval", (3,), (3,),
+                              lambda interval, _: FixedIntervalCache(interval))
+    out = tmp_path_factory.mktemp("bench")
+    knobs = {"uniform": (2,), "fora": (2,), "teacache": (0.3,), "first_block": (0.5,), "static_sparse": (3,),
+             "mag_cache": (0.2,), "taylorseer_cache": (2,), "pyramid_attention_broadcast": (2,),
+             "first_block_cache": (0.1,)}
+    config = bench.BenchConfig.create(quick=True, out=out, model=tiny_model, steps=STEPS, prompts=2, singles=1,
+                                      repeats=1, calibration_images=3, knobs=knobs)
+    reward = lambda images, prompts: [float(len(p)) for p in prompts]  # noqa: E731
+    try:
+        yield bench.run_bench(config, reward=reward, progress=False), out
+    finally:
+        del bench.METHODS["custom_reuse"]
+
+
+def test_every_method_runs_or_says_why_not(results):
+    res, _ = results
+    status = {row["key"]: row["status"] for row in res["entries"]}
+    assert status.pop("first_block_cache=0.1") == "failed"
+    assert set(status.values()) == {"ok"} and "custom_reuse=3" in status
+    assert list(status)[:2] == ["full", "peer_full"]  # references first
+    failed = next(r for r in res["entries"] if r["status"] == "failed")
+    assert "NoneType" in failed["error"] and "context_pre_only" in failed["explanation"]
+
+
+def test_metrics_are_consistent_with_their_definitions(results):
+    res, _ = results
+    rows = {row["key"]: row["metrics"] for row in res["entries"] if row["status"] == "ok"}
+    full = rows["full"]
+    assert full["psnr"] == 100.0 and full["ssim"] == pytest.approx(1.0)
+    assert full["fd_full"] == pytest.approx(0, abs=1e-6)
+    assert full["speedup_flops"] == 1.0 and full["speedup_latency"] == 1.0 and full["equivalent_steps"] == STEPS
+    assert rows["peer_full"]["gflops"] == pytest.approx(full["gflops"])  # same model, same counter
+    assert rows["uniform=2"]["equivalent_steps"] == 2 and rows["uniform=2"]["speedup_flops"] == pytest.approx(2)
+    assert rows["uniform=2"]["psnr"] < 100
+    assert rows["fora=2"]["steps"] == STEPS and rows["fora=2"]["equivalent_steps"] < STEPS
+    assert rows["custom_reuse=3"]["equivalent_steps"] < STEPS
+    assert all(m["reward"] == pytest.approx(sum(len(p["caption"]) for p in res["prompts"]) / 3) for m in rows.values())
+    assert all(m["discriminator"] is None and m["latency_s"] > 0 for m in rows.values())
+    assert Counter(p["complexity"] for p in res["prompts"]) == Counter({1: 1, 3: 1, 2: 1})
+    assert set(res["calibration"]) == {"teacache", "mag_cache"}
+
+
+def test_report_json_and_plots_are_written(results):
+    res, out = results
+    on_disk = json.loads((out / "results.json").read_text())
+    assert len(on_disk["entries"]) == len(res["entries"])
+    report = (out / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ") and "method" not in line]
+    assert len(table) == len(res["entries"])
+    assert "could not run on this backbone" in report and "apply_first_block_cache" in report
+    for name in ("pareto.png", "action_maps.png", "adaptivity.png"):
+        assert (out / name).stat().st_size > 10_000
+    assert json.loads((out / "calibration.json").read_text()) == res["calibration"]
+
+
+def test_prompts_are_held_out_and_stratified():
+    specs = bench.bench_prompts(200, 25)
+    kinds = Counter(s.kind for s in specs)
+    assert kinds == {"count": 6, "pair": 42, "relation": 76, "triple": 76, "single": 25}
+    assert len({s.caption for s in specs[:200]}) == 200
+    with pytest.raises(ValueError, match="held-out split has"):
+        bench.bench_prompts(10_000, 0)
+
+
+def test_cli_lists_methods_and_rejects_unknown_ones(capsys, tmp_path):
+    assert main(["bench", "--list-methods"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("teacache", "mag_cache", "first_block_cache", "static_sparse"))
+    assert main(["bench", "--methods", "nope", "--out", str(tmp_path), "--model", str(tmp_path)]) == 2
+    assert "unknown method(s) nope" in capsys.readouterr().err
