@@ -7,12 +7,10 @@ import json
 from collections import Counter
 
 import pytest
-import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from tiny_pipelines import export_tiny_embedded
 
 from rapid3.baselines.steps import FixedIntervalCache
 from rapid3.cli import main
-from rapid3.embedded.model import embedded_scheduler_config, embedded_transformer_config
 from rapid3.eval import bench
 
 STEPS = 4
@@ -20,11 +18,7 @@ STEPS = 4
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("embedded")
-    torch.manual_seed(0)
-    SD3Transformer2DModel(**embedded_transformer_config(num_layers=2)).to(torch.float16).save_pretrained(path)
-    FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()).save_pretrained(path)
-    return path
+    return export_tiny_embedded(tmp_path_factory.mktemp("embedded"), num_layers=2)
 
 
 @pytest.fixture(scope="module")

@@ -4,22 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image
+from tiny_pipelines import export_tiny_embedded
 
 from rapid3.cli import main
-from rapid3.embedded.model import embedded_scheduler_config, embedded_transformer_config
 from rapid3.embedded.pipeline import EmbeddedPipeline
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("embedded")
-    torch.manual_seed(0)
-    SD3Transformer2DModel(**embedded_transformer_config(num_layers=1)).to(torch.float16).save_pretrained(path)
-    FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()).save_pretrained(path)
-    return path
+    return export_tiny_embedded(tmp_path_factory.mktemp("embedded"))
 
 
 def test_pipeline_images_do_not_depend_on_the_batch(tiny_model):

@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 import yaml
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from PIL import Image
+from tiny_pipelines import export_tiny_embedded
 
 from rapid3.cli import build_parser, main
-from rapid3.embedded.model import embedded_scheduler_config, embedded_transformer_config
 from rapid3.embedded.pipeline import EmbeddedPipeline
 from rapid3.embedded.reward import RewardModel
 from rapid3.generators import EmbeddedGenerator
@@ -20,7 +19,13 @@ from rapid3.train.checkpoint import load_checkpoint
 from rapid3.train.config import TrainConfig, config_from_args
 from rapid3.train.grpo import discounted_reward
 from rapid3.train.rollout import rollout
-from rapid3.train.trainer import build_run, rollout_rewards, train, train_iteration, training_prompts
+from rapid3.train.trainer import (
+    build_run,
+    rollout_rewards,
+    train,
+    train_iteration,
+    training_prompts,
+)
 
 SMALL = {"iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "step_cap": 4, "hidden_dim": 16,
          "disc_width": 8, "disc_batch": 4, "replay_capacity": 16, "eval_every": 1, "eval_prompts": 2, "eval_batch": 2}
@@ -30,9 +35,7 @@ SMALL = {"iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "step_cap
 def models(tmp_path_factory):
     """A one-block embedded model and a tiny reward model, exported as `rapid3 train` reads them."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    SD3Transformer2DModel(**embedded_transformer_config(num_layers=1)).to(torch.float16).save_pretrained(root / "model")
-    FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()).save_pretrained(root / "model")
+    export_tiny_embedded(root / "model")
     RewardModel(channels=(8, 8, 8), text_hidden=8, head_hidden=8).save_pretrained(root / "reward")
     return {"model": str(root / "model"), "reward_model": str(root / "reward")}
 

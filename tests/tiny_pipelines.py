@@ -189,3 +189,14 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
         tokenizer_2=t5_tokenizer,
         transformer=tiny_flux_transformer(seed),
     )
+
+
+def export_tiny_embedded(path, *, num_layers: int = 1, seed: int = 0):
+    """Write a random-weight embedded model (fp16 transformer + scheduler config) as the generator's
+    ``--export`` does, so tests can load it like the shipped one; returns ``path``."""
+    from rapid3.embedded.model import embedded_scheduler_config, embedded_transformer_config
+
+    torch.manual_seed(seed)
+    SD3Transformer2DModel(**embedded_transformer_config(num_layers=num_layers)).to(torch.float16).save_pretrained(path)
+    FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()).save_pretrained(path)
+    return path

@@ -58,8 +58,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     controllers = {"full compute": FullCompute(), f"uniform {args.steps // 3} steps": UniformSteps(args.steps // 3),
                    "FORA interval 3": FixedIntervalCache(3), "static sparse keep 0.2": StaticSparse(3)}
     print(f"random-weight SD3 MMDiT, {args.layers} blocks, {args.tokens} image tokens, batch {args.batch}, CFG 4.5")
-    print(f"| controller | steps | equivalent steps K | GFLOPs/image | seconds | speedup (time / FLOPs) | "
-          f"max |x - x_full| |")
+    print("| controller | steps | equivalent steps K | GFLOPs/image | seconds | speedup (time / FLOPs) | "
+          "max |x - x_full| |")
     print("|---|---|---|---|---|---|---|")
     reference = None
     for name, controller in controllers.items():
