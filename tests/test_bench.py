@@ -9,9 +9,10 @@ from collections import Counter
 import pytest
 from tiny_pipelines import export_tiny_embedded
 
-from rapid3.baselines.steps import FixedIntervalCache
 from rapid3.cli import main
+from rapid3.embedded.model import embedded_transformer_config
 from rapid3.eval import bench
+from rapid3.policy import RapidPolicy
 
 STEPS = 4
 
@@ -23,9 +24,12 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(tiny_model, tmp_path_factory):
-    # A method added from outside, as the learned policy will be: one registry call.
-    bench.register_controller("custom_reuse", "custom controller", "interval", (3,), (3,),
-                              lambda interval, _: FixedIntervalCache(interval))
+    # A learned policy joins as one more registered method (`rapid3 bench --policy PATH`).
+    config = embedded_transformer_config()
+    policy = tmp_path_factory.mktemp("policy")
+    RapidPolicy(latent_channels=config["in_channels"], patch_size=config["patch_size"],
+                pooled_dim=config["pooled_projection_dim"], hidden_dim=16).save_pretrained(policy)
+    assert bench.register_policy(str(policy), ("uniform",)) == ("uniform", "rapid3")
     out = tmp_path_factory.mktemp("bench")
     knobs = {"uniform": (2,), "fora": (2,), "teacache": (0.3,), "first_block": (0.5,), "static_sparse": (3,),
              "mag_cache": (0.2,), "taylorseer_cache": (2,), "pyramid_attention_broadcast": (2,),
@@ -36,14 +40,14 @@ def results(tiny_model, tmp_path_factory):
     try:
         yield bench.run_bench(config, reward=reward, progress=False), out
     finally:
-        del bench.METHODS["custom_reuse"]
+        del bench.METHODS["rapid3"]
 
 
 def test_every_method_runs_or_says_why_not(results):
     res, _ = results
     status = {row["key"]: row["status"] for row in res["entries"]}
     assert status.pop("first_block_cache=0.1") == "failed"
-    assert set(status.values()) == {"ok"} and "custom_reuse=3" in status
+    assert set(status.values()) == {"ok"} and f"rapid3={res['entries'][-1]['value']}" in status
     assert list(status)[:2] == ["full", "peer_full"]  # references first
     failed = next(r for r in res["entries"] if r["status"] == "failed")
     assert "NoneType" in failed["error"] and "context_pre_only" in failed["explanation"]
@@ -60,7 +64,9 @@ def test_metrics_are_consistent_with_their_definitions(results):
     assert rows["uniform=2"]["equivalent_steps"] == 2 and rows["uniform=2"]["speedup_flops"] == pytest.approx(2)
     assert rows["uniform=2"]["psnr"] < 100
     assert rows["fora=2"]["steps"] == STEPS and rows["fora=2"]["equivalent_steps"] < STEPS
-    assert rows["custom_reuse=3"]["equivalent_steps"] < STEPS
+    policy = next(m for key, m in rows.items() if key.startswith("rapid3="))
+    first_span = next(iter(policy["action_maps"].values()))[0]
+    assert first_span[:2] == pytest.approx([1.0, 0.85])  # the fresh policy's Step-Skip (Beta mode 0.85)
     assert all(m["reward"] == pytest.approx(sum(len(p["caption"]) for p in res["prompts"]) / 3) for m in rows.values())
     assert all(m["discriminator"] is None and m["latency_s"] > 0 for m in rows.values())
     assert Counter(p["complexity"] for p in res["prompts"]) == Counter({1: 1, 3: 1, 2: 1})

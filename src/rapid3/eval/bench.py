@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from ..accel.actions import Controller
 from ..accel.costs import StepRecord
-from ..accel.sampler import Sampler
+from ..accel.sampler import SampleResult, Sampler
 from ..backbones.base import Conditioning
 from ..baselines.first_block import FirstBlockCache
 from ..baselines.peers import PEERS, PeerHarness, explain_failure
@@ -50,7 +50,9 @@ Scorer = Callable[[np.ndarray, list[str]], Sequence[float]]
 """An optional quality model: uint8 images (N, H, W, 3) and their prompts -> one score per image."""
 
 KIND_ORDER = ("triple", "relation", "pair", "count")  # round-robin order of held-out kinds
-QUICK = {"prompts": 4, "singles": 2, "repeats": 2, "timing_images": 1, "calibration_images": 2}
+# --quick: a smoke test of every method in a few minutes on a CPU; one thread, because on a shared
+# machine two threads over batch-1 work can be 5-50x slower and the timings mostly noise.
+QUICK = {"prompts": 4, "singles": 2, "repeats": 2, "timing_images": 1, "calibration_images": 2, "threads": 1}
 CALIBRATION_SEED_OFFSET = 100_000  # calibration images never share noise with benchmark images
 
 
@@ -160,7 +162,7 @@ class ControllerRunner:
         self.bench, self.controller = bench, controller
         self.sampler = Sampler(bench.pipe.backbone, step_cap=bench.config.steps)
 
-    def _sample(self, index: torch.Tensor):
+    def _sample(self, index: torch.Tensor) -> SampleResult:
         b = self.bench
         return self.sampler.sample(b.noise[index], b.cond.select(index), self.controller,
                                    uncond=b.uncond.select(index), guidance_scale=b.config.guidance)
@@ -452,6 +454,7 @@ def _speedups(rows: list[dict], entries: list[Entry]) -> None:
         ref = by_name.get(REFERENCES[row["harness"]])
         m = row["metrics"]
         m["latency_s"] = statistics.median(entry.seconds) if entry.seconds else None
+        m["latency_range_s"] = [min(entry.seconds), max(entry.seconds)] if entry.seconds else None
         ok = ref is not None and ref["status"] == "ok"
         ref_latency = ref["metrics"].get("latency_s") if ok else None
         m["speedup_latency"] = ref_latency / m["latency_s"] if ref_latency and m["latency_s"] else None

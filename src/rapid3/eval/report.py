@@ -30,9 +30,9 @@ DEFINITIONS = f"""\
   step its attention saving, a probe (TeaCache, FirstBlockCache) is charged to its sample.
 - **GFLOPs**: per image, counted by torch's FlopCounterMode plus the attention cores; peers on the
   peer harness are counted the same way around each transformer call.
-- **Latency**: median wall-clock seconds per image, batch 1 (one image with its two CFG branches),
-  after a warm-up of every entry, over repeated rounds that visit all entries in a rotated order so
-  that machine drift spreads over all of them. **Speedups** are ratios of medians (or of mean FLOPs)
+- **Latency**: median (and range) of wall-clock seconds per image at batch 1 (one image, both CFG
+  branches), after a warm-up of every entry, over repeated rounds that visit all entries in a
+  rotated order so that machine drift spreads over all of them. **Speedups** are ratios of medians (or of mean FLOPs)
   from this same run, against the full compute of the same harness: rapid3's sampler loop for
   controllers, the peer harness (a plain Euler loop over the unhooked transformer) for diffusers'
   hooks, so each harness's own overhead cancels.
@@ -43,12 +43,20 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _latency(m: dict) -> str:
+    """Median seconds with the range of the timed samples, so noise shows."""
+    if m["latency_s"] is None:
+        return "–"
+    low, high = m["latency_range_s"]
+    return f"{m['latency_s']:.3f} ({low:.3f}–{high:.3f})"
+
+
 def _per_complexity(values: dict, digits: int) -> str:
     return " / ".join(_fmt(values[k], digits) for k in sorted(values, key=int))
 
 
 def _table(results: dict) -> list[str]:
-    header = ("| method | knob | steps | K | K by objects (1/2/3) | GFLOPs/img | latency (s) | speedup latency | "
+    header = ("| method | knob | steps | K | K by objects (1/2/3) | GFLOPs/img | latency s (range) | speedup latency | "
               "speedup FLOPs | checker acc. | acc. by objects (1/2/3) | PSNR | SSIM | FD renders | FD full | "
               "reward | discr. |")
     lines = [header, "|" + "---|" * 17]
@@ -62,7 +70,7 @@ def _table(results: dict) -> list[str]:
         lines.append(
             f"| {row['label']} | {knob} | {_fmt(m['steps'], 1)} | {_fmt(m['equivalent_steps'])} | "
             f"{_per_complexity(m['equivalent_steps_by_complexity'], 1)} | {_fmt(m['gflops'], 1)} | "
-            f"{_fmt(m['latency_s'], 3)} | {_fmt(m['speedup_latency'])}× | {_fmt(m['speedup_flops'])}× | "
+            f"{_latency(m)} | {_fmt(m['speedup_latency'])}× | {_fmt(m['speedup_flops'])}× | "
             f"{_fmt(m['accuracy'], 3)} | {_per_complexity(m['accuracy_by_complexity'], 2)} | {_fmt(m['psnr'], 1)} | "
             f"{_fmt(m['ssim'], 3)} | {_fmt(m['fd_renders'], 1)} | {_fmt(m['fd_full'], 1)} | "
             f"{_fmt(m['reward'], 3)} | {_fmt(m['discriminator'], 3)} |")
@@ -105,11 +113,12 @@ def render(results: dict, figures: dict[str, str]) -> str:
     config, model, machine = results["config"], results["model"], results["machine"]
     kinds = Counter(p["kind"] for p in results["prompts"])
     n_timing = len(results["timing_images"])
+    threads = f"{machine['threads']} thread" + ("s" if machine["threads"] != 1 else "")
     head = [
         "# rapid3 bench", "",
         f"Model: `{model['path']}`" + (f", training step {model['step']}" if "step" in model else "") + ". "
-        f"{config['steps']} Euler steps, CFG {config['guidance']}. torch {machine['torch']}, "
-        f"{machine['threads']} threads, {'CUDA' if machine['cuda'] else 'CPU'} ({machine['processor']}). "
+        f"{config['steps']} Euler steps, CFG {config['guidance']}. torch {machine['torch']}, {threads}, "
+        f"{'CUDA' if machine['cuda'] else 'CPU'} ({machine['processor']}). "
         f"Bench wall time {results['bench_seconds']:.0f} s" + (" (`--quick`)." if config["quick"] else "."), "",
         f"Images: {len(results['prompts'])}, image i from noise seeded {config['seed']} + i: "
         + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
