@@ -56,7 +56,7 @@ class EmbeddedPipeline:
 
     def __call__(self, prompts: list[str] | str, *, num_inference_steps: int = SAMPLING_STEPS,
                  guidance_scale: float = GUIDANCE_SCALE, seed: int = 0, controller: Controller | None = None,
-                 progress: bool = False, keep_trace: bool = False) -> EmbeddedOutput:
+                 progress: bool = False) -> EmbeddedOutput:
         """Generate one image per prompt; image i starts from noise seeded ``seed + i``."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -65,8 +65,7 @@ class EmbeddedPipeline:
         noise = initial_noise(len(prompts), seed)
         sampler = Sampler(self.backbone, step_cap=num_inference_steps, progress=progress)
         result = sampler.sample(noise, cond, controller or FullCompute(), uncond=uncond,
-                                guidance_scale=guidance_scale, keep_trace=keep_trace)
-        self.last_trace = result.trace
+                                guidance_scale=guidance_scale)
         return EmbeddedOutput(to_uint8(result.latents), result.latents, result.stats)
 
 
