@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 from tiny_pipelines import export_tiny_embedded
 
+from rapid3.baselines.steps import FixedIntervalCache
 from rapid3.cli import build_parser, main
 from rapid3.embedded.pipeline import EmbeddedPipeline
 from rapid3.embedded.reward import RewardModel
@@ -28,7 +29,8 @@ from rapid3.train.trainer import (
 )
 
 SMALL = {"iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "step_cap": 4, "hidden_dim": 16,
-         "disc_width": 8, "disc_batch": 4, "replay_capacity": 16, "eval_every": 1, "eval_prompts": 2, "eval_batch": 2}
+         "disc_width": 8, "disc_batch": 4, "replay_capacity": 16, "eval_every": 1, "eval_prompts": 2, "eval_batch": 2,
+         "disc_warmup": 1}
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +70,11 @@ def assert_same_weights(a: dict, b: dict) -> None:
 def test_train_writes_checkpoint_logs_events_and_a_usable_policy(full_run, models, tmp_path):
     records = [json.loads(line) for line in (full_run / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2]
-    for key in ("train/reward", "train/quality", "train/disc", "train/equivalent_steps", "policy/loss", "disc/loss",
+    for key in ("train/reward", "train/quality", "train/disc", "train/equivalent_steps", "disc/loss",
                 "eval/accuracy", "eval/speedup_flops", "eval/speedup_wall"):
         assert all(torch.isfinite(torch.tensor(r[key])) for r in records), key
+    # the discriminator's warm-up iteration leaves the policy alone; the next one updates it
+    assert "policy/loss" not in records[0] and torch.isfinite(torch.tensor(records[1]["policy/loss"]))
     assert all(0 < r["train/equivalent_steps"] <= 4 for r in records)
     events = list((full_run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
@@ -233,3 +237,28 @@ def test_generate_names_the_missing_policy_and_how_to_train_one(tmp_path, monkey
     assert main(["generate", "a red circle", "--policy", "default", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "no policy 'default'" in err and "rapid3 train" in err and not (tmp_path / "x.png").exists()
+
+
+def test_the_discriminator_warms_up_before_the_policy_moves(small, tmp_path):
+    run = build_run(small.replace(out=str(tmp_path), disc_warmup=1))
+    initial = weights(run.policy.state_dict())
+    metrics = train_iteration(run, ["a red circle"], [0])
+    run.iteration += 1
+    assert "disc/loss" in metrics and "policy/loss" not in metrics
+    assert_same_weights(run.policy.state_dict(), initial)
+    assert "policy/loss" in train_iteration(run, ["a red circle"], [1])
+    assert not all(torch.equal(v, initial[k]) for k, v in run.policy.state_dict().items())
+
+
+def test_measured_step_costs_price_k_and_survive_resume(small, tmp_path):
+    cfg = small.replace(out=str(tmp_path / "run"), step_costs="measured", iterations=1)
+    train(cfg)
+    run = build_run(cfg, resume=True)
+    costs = run.pipe.step_costs
+    assert costs.of(False, 0) == 1.0 and 0 < costs.of(True, 0) < 1  # dense is the unit; reuse skips every block
+    assert costs.to_rows() == load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step_costs"]
+    reuse_after_first = FixedIntervalCache(interval=4)  # recompute step 1, reuse steps 2-4
+    stats = run.pipe.sample(["a red circle"], [0], reuse_after_first, step_cap=4, guidance_scale=4.0).stats
+    assert stats.equivalent_steps.item() == pytest.approx(1 + 3 * costs.of(True, 0))
+    with pytest.raises(ValueError, match="embedded model only"):
+        TrainConfig(pipeline="x", prompt_file="p.txt", reward="d", disc_model="c", step_costs="measured")

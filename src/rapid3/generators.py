@@ -30,8 +30,9 @@ from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 from torch import Tensor
 
 from .accel.actions import Actions, Controller, Observation
-from .accel.costs import SampleStats
+from .accel.costs import MeasuredStepCosts, SampleStats, measure_step_costs
 from .accel.sampler import Sampler
+from .backbones.base import Conditioning
 from .backbones.diffusers_dit import DiffusersDiT
 from .baselines.steps import FullCompute
 from .embedded.checker import checker_accuracy
@@ -95,8 +96,18 @@ class EmbeddedGenerator:
 
     checker = SceneChecker()
 
-    def __init__(self, pipe: EmbeddedPipeline) -> None:
+    def __init__(self, pipe: EmbeddedPipeline, step_costs: MeasuredStepCosts | None = None) -> None:
         self.pipe, self.backbone = pipe, pipe.backbone
+        self.step_costs = step_costs
+        """What equivalent steps K count: None for FLOPs, or measured wall-clock per action."""
+
+    def measure_step_costs(self, prompts: list[str], *, repeats: int = 5) -> MeasuredStepCosts:
+        """Each action's wall-clock relative to a dense step on this machine, for one CFG forward of
+        ``prompts`` (both branches: what the sampler runs), timed interleaved after a warm-up."""
+        cond, uncond = self.pipe.encode(prompts)
+        noise = torch.cat([initial_noise(1, seed) for seed in range(len(prompts))])
+        return measure_step_costs(self.backbone, torch.cat([noise, noise]), Conditioning.cat([cond, uncond]),
+                                  repeats=repeats)
 
     def sample(self, prompts: list[str], seeds: list[int], controller: Controller, *, step_cap: int,
                guidance_scale: float, keep_trace: bool = False) -> Generation:
@@ -105,7 +116,7 @@ class EmbeddedGenerator:
         noise = torch.cat([initial_noise(1, seed) for seed in seeds])
         # The sampler alone: encodings are cached across calls, so timing them would favour the second controller.
         tic = time.perf_counter()
-        result = Sampler(self.backbone, step_cap=step_cap).sample(noise, cond, controller, uncond=uncond,
+        result = Sampler(self.backbone, step_cap=step_cap, step_costs=self.step_costs).sample(noise, cond, controller, uncond=uncond,
                                                                   guidance_scale=guidance_scale, keep_trace=keep_trace)
         return Generation(result.latents.clamp(-1, 1), result.stats, result.trace, time.perf_counter() - tic)
 

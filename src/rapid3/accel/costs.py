@@ -90,6 +90,15 @@ class MeasuredStepCosts:
     def of(self, reuse: bool, level: int) -> float:
         return self.relative[(bool(reuse), int(level))]
 
+    def to_rows(self) -> list[list[float]]:
+        """[reuse, level, relative cost] rows: plain numbers, for a ``weights_only`` checkpoint."""
+        return [[float(reuse), float(level), cost] for (reuse, level), cost in self.relative.items()]
+
+    @classmethod
+    def from_rows(cls, rows: list[list[float]]) -> MeasuredStepCosts:
+        """Inverse of :meth:`to_rows`."""
+        return cls({(bool(reuse), int(level)): float(cost) for reuse, level, cost in rows})
+
 
 def interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median seconds per runner; each round runs every runner once, after one warm-up round,

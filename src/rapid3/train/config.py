@@ -20,6 +20,7 @@ import yaml
 CONFIG_FILE = "config.yaml"
 """The run folder's copy of its config, which ``--resume`` starts from."""
 REWARDS = ("q+d", "q", "d")
+STEP_COSTS = ("flops", "measured")
 POLICY_FIELDS = ("hidden_dim", "step_skip", "cache_reuse", "sparse_attention", "init_ratio", "init_concentration",
                  "init_reuse_prob", "init_dense_prob")
 """TrainConfig fields passed unchanged to ``RapidPolicy`` (same names)."""
@@ -67,6 +68,10 @@ class TrainConfig:
                                         "carries the discriminator's adapter (default: reward_model)")
     reward_image_size: int = knob(224, "with pipeline: shorter side images are resized to for q, d and the "
                                        "discriminator's replay buffers (CLIP reads 224)")
+    step_costs: str = knob("flops", "what the equivalent steps K of the discount count: 'flops' (each action's FLOPs "
+                                    "over a dense step's) or 'measured' (its wall-clock over a dense step's, timed "
+                                    "once on this machine at the start of the run; for where FLOPs and time disagree, "
+                                    "as sparse attention at a few hundred tokens on a CPU; embedded model only)")
     lam: float = knob(0.97, "compute discount lambda in (0, 1): the speed/quality knob; smaller is faster")
     omega: float = knob(1.0, "weight of the discriminator score d in the reward")
     # --- policy (RapidPolicy's own arguments)
@@ -94,6 +99,10 @@ class TrainConfig:
     # Several cheap updates per expensive rollout batch, so d keeps pace with the policy: a d stuck
     # near 0.5 leaves the discount alone to drive K down (1 update at lr 1e-4 stayed at chance in a smoke run).
     disc_steps: int = knob(4, "discriminator updates per iteration")
+    # Without a warm-up the discriminator starts at chance (d = 0.5 for every image), so the reward is
+    # the discount alone for its first iterations and a smoke run collapsed to "reuse everything" in 6.
+    disc_warmup: int = knob(5, "first iterations that train only the discriminator: rollouts fill its replay "
+                               "buffer, the policy stays as initialised (counted in iterations; needs a d reward)")
     disc_batch: int = knob(64, "images per class in a discriminator update")
     replay_capacity: int = knob(1024, "images kept per class (rollouts, full-compute originals) for its updates")
     # --- evaluation, checkpoints
@@ -118,6 +127,10 @@ class TrainConfig:
                              f"({self.prompts_per_iteration * self.group_size}).")
         if self.reward not in REWARDS:
             raise ValueError(f"reward must be one of {', '.join(REWARDS)}; got {self.reward!r}.")
+        if self.step_costs not in STEP_COSTS:
+            raise ValueError(f"step_costs must be one of {', '.join(STEP_COSTS)}; got {self.step_costs!r}.")
+        if self.disc_warmup < 0:
+            raise ValueError(f"disc_warmup must be >= 0, got {self.disc_warmup}.")
         for name in ("lam", "init_ratio", "init_reuse_prob", "init_dense_prob"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must lie strictly inside (0, 1), got {getattr(self, name)}.")
@@ -138,6 +151,9 @@ class TrainConfig:
             return
         if self.model is not None:
             raise ValueError("give either pipeline (a diffusers pipeline) or model (an embedded model), not both.")
+        if self.step_costs == "measured":
+            raise ValueError("step_costs 'measured' is implemented for the embedded model only; with a pipeline "
+                             "use step_costs 'flops'.")
         if self.prompt_file is None:
             raise ValueError("a pipeline needs training prompts: --prompt-file FILE (.txt or .jsonl).")
         if self.uses_quality and self.reward_model is None:

@@ -17,6 +17,9 @@ Each iteration, on this rank's prompts (``train_iteration``):
   4. ``inner_epochs`` x ``minibatches`` AdamW steps on the clipped surrogate, per-decision ratios, no KL;
   5. the discriminator: full-compute images of the same prompts and noise join the positives'
      replay buffer, the rollouts the negatives', then ``disc_steps`` updates.
+The first ``disc_warmup`` iterations skip step 4, so the policy first meets a discriminator that
+already tells its rollouts from full compute. K counts FLOPs, or, with ``step_costs: measured``,
+each action's wall-clock relative to a dense step, timed once at the start of the run.
 Every ``eval_every`` iterations and after the last, ``evaluate`` runs the policy (deterministic
 mode) and full compute side by side on fixed held-out prompts: reward terms, equivalent steps,
 FLOP and wall-clock speedups, and, in the embedded world, checker accuracy (evaluation only, never
@@ -48,6 +51,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..accel.costs import MeasuredStepCosts
 from ..baselines.steps import FullCompute
 from ..embedded.pipeline import EmbeddedPipeline
 from ..embedded.reward import RewardModel, load_reward_model
@@ -66,7 +70,7 @@ from .grpo import discounted_reward, group_advantages, grpo_loss, zero_spread_fr
 from .rollout import Rollouts, rollout
 
 CHECKPOINT, LOG, TENSORBOARD, EXPORT = "checkpoint.pt", "log.jsonl", "tensorboard", "policy"
-FIXED_ON_RESUME = (*POLICY_FIELDS, "disc_width", "replay_capacity", "pipeline")
+FIXED_ON_RESUME = (*POLICY_FIELDS, "disc_width", "replay_capacity", "pipeline", "step_costs")
 """Knobs that shape the saved state, so a resumed run cannot change them."""
 EVAL_SEED = 0
 """Seed of the held-out evaluation prompts: fixed, so runs with different seeds or knobs compare on one set."""
@@ -197,6 +201,8 @@ class Run:
                  "positives": self.positives.state_dict(), "negatives": self.negatives.state_dict()}
         if self.disc is not None:
             state["disc"] = self.disc.state_dict()
+        if self.cfg.step_costs == "measured":  # timed once per run: a resumed run keeps its currency
+            state["step_costs"] = self.pipe.step_costs.to_rows()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -216,6 +222,8 @@ class Run:
         self.negatives.load_state_dict(state["negatives"])
         if self.disc is not None and "disc" in state:  # a run switched to a d reward starts a fresh discriminator
             self.disc.load_state_dict(state["disc"])
+        if self.cfg.step_costs == "measured":
+            self.pipe.step_costs = MeasuredStepCosts.from_rows(state["step_costs"])
         self.prompt_rng.bit_generator.state = state["prompt_rng"]
         torch.set_rng_state(state["torch_rng"])
         self.iteration, self.last_eval = state["iteration"], state["last_eval"]
@@ -250,8 +258,9 @@ def train_iteration(run: Run, prompts: list[str], seeds: list[int]) -> dict[str,
     metrics = {"train/dropped_fraction": dropped / len(prompts)}
     if len(rollouts):  # else this rank's groups were all dropped: the other ranks report
         metrics |= rollout_metrics(rollouts, scores, cfg, run.pipe.checker)
-    minibatch_rng = torch.Generator().manual_seed(stream_seed(MINIBATCHES, cfg.seed, run.iteration))
-    metrics |= policy_update(run.policy, run.optimizer, rollouts, advantages, cfg, world, minibatch_rng)
+    if run.disc is None or run.iteration >= cfg.disc_warmup:  # warm-up: the discriminator learns first
+        minibatch_rng = torch.Generator().manual_seed(stream_seed(MINIBATCHES, cfg.seed, run.iteration))
+        metrics |= policy_update(run.policy, run.optimizer, rollouts, advantages, cfg, world, minibatch_rng)
     if run.disc is not None:
         originals = run.pipe.sample(prompts, seeds, FullCompute(), step_cap=cfg.step_cap,
                                     guidance_scale=cfg.guidance_scale).images
@@ -313,9 +322,10 @@ def evaluate(pipe: Generator, policy: RapidPolicy, prompts: list[str], cfg: Trai
     policy.sampling = sampling
     images = {name: torch.cat([g.images for g in gens]) for name, gens in runs.items()}
     k = {name: torch.cat([g.stats.equivalent_steps for g in gens]) for name, gens in runs.items()}
+    flops = {name: sum(g.stats.flops.sum().item() for g in gens) for name, gens in runs.items()}
     seconds = {name: sum(g.seconds for g in gens) for name, gens in runs.items()}
     metrics = {"eval/equivalent_steps": k["policy"].mean().item(),
-               "eval/speedup_flops": k["full"].mean().item() / k["policy"].mean().item(),
+               "eval/speedup_flops": flops["full"] / flops["policy"],
                "eval/speedup_wall": seconds["full"] / seconds["policy"]}
     for name, suffix in (("policy", ""), ("full", "_full")):
         scores = image_rewards(images[name], prompts, k[name], quality, disc, lam=cfg.lam, omega=cfg.omega)
@@ -367,6 +377,9 @@ def build_run(cfg: TrainConfig, *, resume: bool = False, world: World | None = N
               train_prompts=parts.train_prompts, eval_prompts=parts.eval_prompts, world=world)
     if state is not None:
         run.load_state_dict(state)
+    elif cfg.step_costs == "measured":  # a batch the size of one rollout group, both CFG branches
+        run.pipe.step_costs = run.pipe.measure_step_costs(
+            training_prompts(np.random.default_rng(cfg.seed), cfg.group_size)[0])
     return run
 
 
