@@ -18,6 +18,7 @@ from rapid3.generators import EmbeddedGenerator
 from rapid3.policy import RapidPolicy
 from rapid3.train.checkpoint import load_checkpoint
 from rapid3.train.config import TrainConfig, config_from_args
+from rapid3.train.curves import read_log
 from rapid3.train.grpo import discounted_reward
 from rapid3.train.rollout import rollout
 from rapid3.train.trainer import (
@@ -76,6 +77,8 @@ def test_train_writes_checkpoint_logs_events_and_a_usable_policy(full_run, model
     # the discriminator's warm-up iteration leaves the policy alone; the next one updates it
     assert "policy/loss" not in records[0] and torch.isfinite(torch.tensor(records[1]["policy/loss"]))
     assert all(0 < r["train/equivalent_steps"] <= 4 for r in records)
+    curves = Image.open(full_run / "curves.png")  # redrawn after each evaluation
+    assert curves.width > 3 * curves.height
     events = list((full_run / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     state = load_checkpoint(full_run / "checkpoint.pt")
@@ -262,3 +265,11 @@ def test_measured_step_costs_price_k_and_survive_resume(small, tmp_path):
     assert stats.equivalent_steps.item() == pytest.approx(1 + 3 * costs.of(True, 0))
     with pytest.raises(ValueError, match="embedded model only"):
         TrainConfig(pipeline="x", prompt_file="p.txt", reward="d", disc_model="c", step_costs="measured")
+
+
+def test_curves_need_a_log_with_records(tmp_path):
+    with pytest.raises(FileNotFoundError, match="rapid3 train"):
+        read_log(tmp_path / "log.jsonl")
+    (tmp_path / "log.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no iteration yet"):
+        read_log(tmp_path / "log.jsonl")

@@ -38,7 +38,8 @@ class TrainConfig:
     """A GRPO training run of RAPID3's policy on the embedded model or a diffusers SD3 / FLUX pipeline."""
 
     # --- run
-    out: str = knob("runs/rapid3", "run folder: checkpoint.pt, config.yaml, log.jsonl, tensorboard/, policy/")
+    out: str = knob("runs/rapid3", "run folder: checkpoint.pt, config.yaml, log.jsonl, tensorboard/, curves.png, "
+                                       "policy/")
     model: str | None = knob(None, "exported embedded model folder (default: the weights shipped in the package)")
     # --- a real pipeline instead of the embedded model (every knob below needs `pipeline`)
     pipeline: str | None = knob(None, "diffusers StableDiffusion3Pipeline or FluxPipeline to train for: a local "

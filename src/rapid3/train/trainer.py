@@ -26,7 +26,8 @@ FLOP and wall-clock speedups, and, in the embedded world, checker accuracy (eval
 a reward) and equivalent steps by scene complexity.
 
 The run folder holds ``config.yaml``, ``checkpoint.pt`` (atomic; ``--resume`` continues bit for
-bit), ``log.jsonl`` (one record per iteration), ``tensorboard/`` and, at the end, ``policy/``
+bit), ``log.jsonl`` (one record per iteration), ``tensorboard/``, ``curves.png`` (learning curves,
+redrawn after each evaluation) and, at the end, ``policy/``
 (safetensors + config.json for ``RapidPolicy.from_pretrained`` / ``rapid3 generate --policy``).
 
 The shipped default policy (``rapid3 generate --policy default``) is a run with every default
@@ -63,6 +64,7 @@ from ..prompts import read_prompts, split_prompts
 from ..rewards.clip import CLIPAdapterDiscriminator, CLIPScore
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, POLICY_FIELDS, TrainConfig
+from .curves import CURVES, plot_curves, read_log
 from .discriminator import Discriminator, ImageDiscriminator, ModuleDiscriminator, ReplayBuffer
 from .distributed import MINIBATCHES, RANKS, AveragedGradients, GroupStreams, World, joined_world, stream_seed
 from .faults import StopSignals, drop_nonfinite_groups, logger
@@ -496,6 +498,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Run:
                     metrics |= run.last_eval
                     bar.write(_eval_line(run.iteration, run.last_eval))
                 log.write(run.iteration, metrics)
+                if "eval/equivalent_steps" in metrics:
+                    plot_curves(read_log(out / LOG), out / CURVES, cfg.step_cap)
                 bar.update(1)
                 bar.set_postfix(_postfix(metrics, run.last_eval))
                 if run.iteration % cfg.checkpoint_every == 0 or last:
