@@ -57,6 +57,8 @@ def plot_curves(records: list[dict], out: str | Path, step_cap: int | None = Non
                 ax.plot(x, y, style, label=label, markersize=4)
         if title.startswith("equivalent") and step_cap:
             ax.axhline(step_cap, color="grey", linestyle=":", label=f"full compute ({step_cap})")
+        if title.startswith("held-out speedup"):
+            ax.axhline(1.0, color="grey", linestyle=":", label="full compute")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("GRPO iteration")
         ax.grid(alpha=0.3)
@@ -76,7 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", type=Path, help="run folder of `rapid3 train` (holds log.jsonl)")
     parser.add_argument("--out", type=Path, help=f"PNG to write (default: RUN/{CURVES})")
     args = parser.parse_args(argv)
-    print(plot_curves(read_log(args.run / "log.jsonl"), args.out or args.run / CURVES))
+    from .config import CONFIG_FILE, TrainConfig
+
+    step_cap = TrainConfig.from_yaml(args.run / CONFIG_FILE).step_cap if (args.run / CONFIG_FILE).is_file() else None
+    print(plot_curves(read_log(args.run / "log.jsonl"), args.out or args.run / CURVES, step_cap))
 
 
 if __name__ == "__main__":
