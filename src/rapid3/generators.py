@@ -19,7 +19,6 @@ not under ``train/``, because ``rapid3 bench`` and ``rapid3 generate`` use it as
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -105,20 +104,17 @@ class EmbeddedGenerator:
         """Each action's wall-clock relative to a dense step on this machine, for one CFG forward of
         ``prompts`` (both branches: what the sampler runs), timed interleaved after a warm-up."""
         cond, uncond = self.pipe.encode(prompts)
-        noise = torch.cat([initial_noise(1, seed) for seed in range(len(prompts))])
+        noise = initial_noise(len(prompts), seed=0)
         return measure_step_costs(self.backbone, torch.cat([noise, noise]), Conditioning.cat([cond, uncond]),
                                   repeats=repeats)
 
     def sample(self, prompts: list[str], seeds: list[int], controller: Controller, *, step_cap: int,
                guidance_scale: float, keep_trace: bool = False) -> Generation:
-        """See :meth:`Generator.sample`; the images are the final pixel-space latents, clamped."""
-        cond, uncond = self.pipe.encode(prompts)
-        noise = torch.cat([initial_noise(1, seed) for seed in seeds])
-        # The sampler alone: encodings are cached across calls, so timing them would favour the second controller.
-        tic = time.perf_counter()
-        result = Sampler(self.backbone, step_cap=step_cap, step_costs=self.step_costs).sample(noise, cond, controller, uncond=uncond,
-                                                                  guidance_scale=guidance_scale, keep_trace=keep_trace)
-        return Generation(result.latents.clamp(-1, 1), result.stats, result.trace, time.perf_counter() - tic)
+        """See :meth:`Generator.sample`; the images are the final pixel-space latents, clamped, and ``seconds``
+        the denoiser's and controller's time (the sampler's per-image accounting summed), without encoding."""
+        result = self.pipe.sample(prompts, seeds, controller, num_inference_steps=step_cap,
+                                  guidance_scale=guidance_scale, keep_trace=keep_trace, step_costs=self.step_costs)
+        return Generation(result.latents.clamp(-1, 1), result.stats, result.trace, result.stats.seconds.sum().item())
 
 
 class PipelineGenerator:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import numpy as np
 import torch
 
 from ..accel.actions import Controller
-from ..accel.costs import SampleStats
-from ..accel.sampler import Sampler
+from ..accel.costs import MeasuredStepCosts, SampleStats
+from ..accel.sampler import SampleResult, Sampler
 from ..backbones import Conditioning, SD3Backbone
 from ..baselines.steps import FullCompute
 from .model import GUIDANCE_SCALE, SAMPLING_STEPS, load_embedded
@@ -61,12 +62,20 @@ class EmbeddedPipeline:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("Give at least one prompt.")
-        cond, uncond = self.encode(prompts)
-        noise = initial_noise(len(prompts), seed)
-        sampler = Sampler(self.backbone, step_cap=num_inference_steps, progress=progress)
-        result = sampler.sample(noise, cond, controller or FullCompute(), uncond=uncond,
-                                guidance_scale=guidance_scale)
+        result = self.sample(prompts, range(seed, seed + len(prompts)), controller or FullCompute(),
+                             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, progress=progress)
         return EmbeddedOutput(to_uint8(result.latents), result.latents, result.stats)
+
+    def sample(self, prompts: list[str], seeds: Iterable[int], controller: Controller, *, num_inference_steps: int,
+               guidance_scale: float, progress: bool = False, keep_trace: bool = False,
+               step_costs: MeasuredStepCosts | None = None) -> SampleResult:
+        """The sampler loop on ``prompts``, image i from the noise of ``seeds[i]`` alone (a repeated seed
+        repeats the noise); ``step_costs``: what equivalent steps count (None: FLOPs)."""
+        cond, uncond = self.encode(prompts)
+        noise = torch.cat([initial_noise(1, seed) for seed in seeds])
+        sampler = Sampler(self.backbone, step_cap=num_inference_steps, progress=progress, step_costs=step_costs)
+        return sampler.sample(noise, cond, controller, uncond=uncond, guidance_scale=guidance_scale,
+                              keep_trace=keep_trace)
 
 
 def initial_noise(batch: int, seed: int) -> torch.Tensor:

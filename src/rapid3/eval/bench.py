@@ -90,7 +90,7 @@ class BenchConfig:
 
 # -- what one entry produces ------------------------------------------------------------------
 @dataclass
-class Generation:
+class EntryImages:
     """All benchmark images of one entry with their per-image cost accounting."""
 
     images: np.ndarray
@@ -103,7 +103,7 @@ class Generation:
 class Runner(Protocol):
     """One (method, knob): generates every benchmark image, and times one image at batch 1."""
 
-    def generate(self) -> Generation:
+    def generate(self) -> EntryImages:
         """Every benchmark image, with its cost accounting."""
 
     def time_image(self, index: int) -> float:
@@ -167,10 +167,10 @@ class ControllerRunner:
         return self.sampler.sample(b.noise[index], b.cond.select(index), self.controller,
                                    uncond=b.uncond.select(index), guidance_scale=b.config.guidance)
 
-    def generate(self) -> Generation:
+    def generate(self) -> EntryImages:
         chunks = torch.arange(len(self.bench.specs)).split(self.bench.config.batch)
         results = [self._sample(index) for index in chunks]
-        return Generation(
+        return EntryImages(
             images=np.concatenate([to_uint8(r.latents) for r in results]),
             equivalent_steps=torch.cat([r.stats.equivalent_steps for r in results]).numpy(),
             steps=torch.cat([r.stats.steps for r in results]).numpy(),
@@ -191,10 +191,10 @@ class PeerRunner:
         bench.prepare_peer(peer)
         self.model = bench.harness.hooked(peer, value)
 
-    def generate(self) -> Generation:
+    def generate(self) -> EntryImages:
         b = self.bench
         run = b.harness.run(self.model, b.noise, b.cond, b.uncond)
-        return Generation(to_uint8(run.latents), run.stats.equivalent_steps.numpy(), run.stats.steps.numpy(),
+        return EntryImages(to_uint8(run.latents), run.stats.equivalent_steps.numpy(), run.stats.steps.numpy(),
                           run.stats.flops.numpy(), run.stats.records)
 
     def time_image(self, index: int) -> float:
@@ -291,7 +291,7 @@ class Entry:
     method: Method
     value: Any
     runner: Runner | None = None
-    generation: Generation | None = None
+    generation: EntryImages | None = None
     seconds: list[float] = field(default_factory=list)
     error: str | None = None
 
@@ -391,7 +391,7 @@ class Scoring:
         complexity = np.array([s.complexity for s in self.specs])
         return {int(c): float(reduce(values[complexity == c])) for c in np.unique(complexity)}
 
-    def score(self, gen: Generation) -> dict:
+    def score(self, gen: EntryImages) -> dict:
         """Every metric of one entry's images (definitions in report.py)."""
         checks = [check(image, spec) for image, spec in zip(gen.images, self.specs)]
         passed = np.array([c.passed for c in checks], dtype=float)
