@@ -11,7 +11,7 @@ from tiny_pipelines import export_tiny_embedded
 
 from rapid3.cli import main
 from rapid3.embedded.model import embedded_transformer_config
-from rapid3.eval import bench
+from rapid3.eval import bench, report
 from rapid3.policy import RapidPolicy
 
 STEPS = 4
@@ -24,12 +24,20 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(tiny_model, tmp_path_factory):
-    # A learned policy joins as one more registered method (`rapid3 bench --policy PATH`).
+    # Learned policies join as registered methods (`rapid3 bench --policy A,B --tpdm C`), RAPID3's swept over the
+    # lambda each was trained with.
     config = embedded_transformer_config()
-    policy = tmp_path_factory.mktemp("policy")
-    RapidPolicy(latent_channels=config["in_channels"], patch_size=config["patch_size"],
-                pooled_dim=config["pooled_projection_dim"], hidden_dim=16).save_pretrained(policy)
-    assert bench.register_policy(str(policy), ("uniform",)) == ("uniform", "rapid3")
+    folders = []
+    for lam in (0.9, 0.97, None):
+        folder = tmp_path_factory.mktemp("policy")
+        RapidPolicy(latent_channels=config["in_channels"], patch_size=config["patch_size"],
+                    pooled_dim=config["pooled_projection_dim"], hidden_dim=16).save_pretrained(folder)
+        if lam is not None:
+            (folder / "rapid3_policy.json").write_text(json.dumps({"train_config": {"lam": lam}}))
+        folders.append(str(folder))
+    assert bench.policy_methods(",".join(folders[:2]), folders[2]) == ["rapid3", "tpdm"]
+    assert bench.METHODS["rapid3"].values == (0.9, 0.97) and bench.METHODS["rapid3"].knob == "lam"
+    assert bench.METHODS["tpdm"].values == (folders[2],) and bench.METHODS["tpdm"].knob == "policy"
     out = tmp_path_factory.mktemp("bench")
     knobs = {"uniform": (2,), "fora": (2,), "teacache": (0.3,), "first_block": (0.5,), "static_sparse": (3,),
              "mag_cache": (0.2,), "taylorseer_cache": (2,), "pyramid_attention_broadcast": (2,),
@@ -40,14 +48,14 @@ def results(tiny_model, tmp_path_factory):
     try:
         yield bench.run_bench(config, reward=reward, progress=False), out
     finally:
-        del bench.METHODS["rapid3"]
+        del bench.METHODS["rapid3"], bench.METHODS["tpdm"]
 
 
 def test_every_method_runs_or_says_why_not(results):
     res, _ = results
     status = {row["key"]: row["status"] for row in res["entries"]}
     assert status.pop("first_block_cache=0.1") == "failed"
-    assert set(status.values()) == {"ok"} and f"rapid3={res['entries'][-1]['value']}" in status
+    assert set(status.values()) == {"ok"} and {"rapid3=0.9", "rapid3=0.97", f"tpdm={res['entries'][-1]['value']}"} <= status.keys()
     assert list(status)[:2] == ["full", "peer_full"]  # references first
     failed = next(r for r in res["entries"] if r["status"] == "failed")
     assert "NoneType" in failed["error"] and "context_pre_only" in failed["explanation"]
@@ -78,8 +86,10 @@ def test_report_json_and_plots_are_written(results):
     on_disk = json.loads((out / "results.json").read_text())
     assert len(on_disk["entries"]) == len(res["entries"])
     report = (out / "report.md").read_text()
-    table = [line for line in report.splitlines() if line.startswith("| ") and "method" not in line]
+    results_section = report.split("## Results")[1].split("\n## ")[0]
+    table = [line for line in results_section.splitlines() if line.startswith("| ") and "method" not in line]
     assert len(table) == len(res["entries"])
+    assert "## RAPID3 against every other method at matched speedup" in report
     assert "could not run on this backbone" in report and "apply_first_block_cache" in report
     for name in ("pareto.png", "action_maps.png", "adaptivity.png"):
         assert (out / name).stat().st_size > 10_000
@@ -101,3 +111,21 @@ def test_cli_lists_methods_and_rejects_unknown_ones(capsys, tmp_path):
     assert all(name in listed for name in ("teacache", "mag_cache", "first_block_cache", "static_sparse"))
     assert main(["bench", "--methods", "nope", "--out", str(tmp_path), "--model", str(tmp_path)]) == 2
     assert "unknown method(s) nope" in capsys.readouterr().err
+
+
+def _entry(method: str, speedup: float, accuracy: float, psnr: float) -> dict:
+    return {"method": method, "label": method, "status": "ok", "value": speedup, "knob": "k",
+            "metrics": {"speedup_latency": speedup, "accuracy": accuracy, "psnr": psnr}}
+
+
+def test_matched_speedup_comparison_interpolates_each_sweep_at_rapid3s_speedup():
+    results = {"entries": [_entry("full", 1.0, 0.9, 100.0), _entry("rapid3", 3.0, 0.8, 30.0),
+                           _entry("uniform", 2.0, 0.9, 35.0), _entry("uniform", 4.0, 0.5, 25.0),
+                           _entry("fora", 1.5, 0.85, 40.0), _entry("teacache", 3.1, 0.82, 20.0)]}
+    rows = {c["method"]: c for c in report.matched_speedup_comparison(results)}
+    assert set(rows) == {"uniform", "fora", "teacache"}
+    assert rows["uniform"]["accuracy"] == (0.8, pytest.approx(0.7)) and rows["uniform"]["psnr"][1] == pytest.approx(30.0)
+    assert rows["fora"]["accuracy"] == (0.8, None)  # its sweep stops at 1.5x
+    assert rows["teacache"]["accuracy"] == (0.8, 0.82)  # one setting within 5% of 3.0x
+    text = report._claim(results)
+    assert any("checker acc. below teacache by 0.020 at 3.00×" in line for line in text)

@@ -67,8 +67,9 @@ def test_two_gloo_processes_train_the_policy_one_process_trains(models, tmp_path
     assert two.returncode == 0, two.stderr[-3000:]
 
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    steps = cfg.inner_epochs * cfg.minibatches + cfg.disc_steps  # optimizer steps per iteration
-    assert len(rank0) == len(rank1) == cfg.iterations * steps
+    # optimizer steps: the discriminator's every iteration, the policy's after the discriminator's warm-up
+    steps = cfg.iterations * cfg.disc_steps + (cfg.iterations - cfg.disc_warmup) * cfg.inner_epochs * cfg.minibatches
+    assert len(rank0) == len(rank1) == steps
     for after_step, (a, b) in enumerate(zip(rank0, rank1)):
         assert torch.equal(a, b), f"ranks differ after optimizer step {after_step}"
 

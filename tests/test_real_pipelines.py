@@ -26,7 +26,7 @@ SIZE = {"height": 32, "width": 32}
 TRAIN = ["--iterations", "2", "--prompts-per-iteration", "2", "--group-size", "2", "--step-cap", "4",
          "--hidden-dim", "8", "--disc-width", "8", "--disc-batch", "4", "--disc-steps", "1", "--replay-capacity", "8",
          "--eval-every", "1", "--eval-prompts", "2", "--eval-batch", "2", "--inner-epochs", "1", "--minibatches", "1",
-         "--height", "32", "--width", "32"]
+         "--height", "32", "--width", "32", "--disc-warmup", "0"]
 
 
 @pytest.fixture(scope="module")

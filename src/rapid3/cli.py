@@ -132,7 +132,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     paths = _output_paths(args, len(prompts))
     if args.scale < 1:
         raise ValueError(f"--scale must be >= 1, got {args.scale}.")
-    policy = None if args.policy is None else _load_policy(args.policy)
+    from .policy.shipped import load_policy
+
+    policy = None if args.policy is None else load_policy(args.policy)
     generate = _generate_with_pipeline if args.pipeline else _generate_embedded
     for path, (image, seconds, summary) in zip(paths, generate(args, prompts, policy)):
         image.save(path)
@@ -213,23 +215,6 @@ def _generate_with_pipeline(args: argparse.Namespace, prompts: list[str], policy
                 f"({handle.speedup_estimate:.2f}x fewer transformer FLOPs than {args.steps} steps)")
 
 
-SHIPPED_POLICIES = Path(__file__).resolve().parent / "policies"
-
-
-def _load_policy(name_or_path: str) -> RapidPolicy:
-    """A shipped policy by name (``default``) or a policy folder; FileNotFoundError saying how to get one."""
-    from .policy import RapidPolicy
-
-    path = Path(name_or_path) if Path(name_or_path).is_dir() else SHIPPED_POLICIES / name_or_path
-    if not (path / "config.json").is_file():
-        shipped = sorted(p.name for p in SHIPPED_POLICIES.glob("*/config.json")) if SHIPPED_POLICIES.is_dir() else []
-        raise FileNotFoundError(
-            f"no policy {name_or_path!r}: neither a policy folder nor a shipped one "
-            f"(shipped: {', '.join(shipped) or 'none'}). Train one with `rapid3 train --out RUN` and pass "
-            "--policy RUN/policy.")
-    return RapidPolicy.from_pretrained(path)
-
-
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from .train.config import add_arguments
 
@@ -284,6 +269,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--calibration", type=Path, default=None, help="reuse an earlier run's calibration.json")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 avoids oversubscription on a busy machine")
+    parser.add_argument("--policy", default=None, metavar="NAME_OR_PATH[,...]",
+                        help="trained RAPID3 policies (shipped names or RUN/policy folders), benchmarked as one method "
+                             "swept over the lambda each was trained with (default: the shipped 'default' policy); "
+                             "with --pipeline, the one policy to compare with full compute")
+    parser.add_argument("--tpdm", default=None, metavar="PATH[,...]",
+                        help="step-only policies (`rapid3 train --no-cache-reuse --no-sparse-attention`): the TPDM "
+                             "baseline")
     parser.add_argument("--reward", default=None, metavar="MODULE:FUNCTION", help="reward model: f(images, prompts)")
     parser.add_argument("--discriminator", default=None, metavar="MODULE:FUNCTION",
                         help="discriminator: f(images, prompts)")
@@ -292,7 +284,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "with --pipeline: a trained policy against full compute on a prompt file (equivalent steps, FLOP and "
         "denoiser wall-clock speedups, CLIP score); also reads --out, --prompts (first N, default all), --batch")
     group.add_argument("--prompt-file", type=Path, default=None, help=".txt (one per line) or .jsonl prompts")
-    group.add_argument("--policy", default=None, metavar="PATH", help="the policy folder (RUN/policy)")
     group.add_argument("--reward-model", default=None, metavar="PATH_OR_ID", help="a CLIPModel for the CLIP score")
     group.add_argument("--steps", type=int, default=28, help="step cap (use the policy's training step_cap)")
     group.add_argument("--guidance", type=float, default=4.0,
@@ -314,6 +305,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
 
     from .generators import PipelineGenerator, check_policy, resolve_device
     from .prompts import read_prompts
+    from .policy.shipped import load_policy
     from .rewards.clip import CLIPScore
     from .train.config import TrainConfig
     from .train.trainer import evaluate
@@ -323,7 +315,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
         raise ValueError("bench --pipeline compares a policy with full compute: give --prompt-file and --policy.")
     prompts = read_prompts(args.prompt_file)[:args.prompts]
     cfg = TrainConfig(step_cap=args.steps, guidance_scale=args.guidance, eval_batch=args.batch or 4)
-    policy = _load_policy(args.policy)
+    policy = load_policy(args.policy)
     args.out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     quality = None if args.reward_model is None else CLIPScore.from_pretrained(args.reward_model, device=device)

@@ -518,25 +518,52 @@ def load_scorer(spec: str | None) -> Scorer | None:
     return getattr(importlib.import_module(module), name)
 
 
-def register_policy(path: str, methods: tuple[str, ...] | None) -> tuple[str, ...] | None:
-    """Register a trained RAPID3 policy folder as the method "rapid3" (and select it if a method list is given)."""
-    from ..policy import RapidPolicy
+def register_policies(name: str, label: str, policies: Sequence[str | Path]) -> Method:
+    """Register trained policies (names of shipped ones or folders) as one method swept over its runs: its
+    knob is the discount λ each was trained with when they all differ in it, else the folder."""
+    from ..generators import check_policy
+    from ..policy.shipped import load_policy, policy_folder, training_info
 
-    register_controller("rapid3", "RAPID3 policy", "policy", (path,), (path,),
-                        lambda folder, bench: RapidPolicy.from_pretrained(folder).eval())
-    return None if methods is None else (*methods, "rapid3")
+    folders = [policy_folder(p) for p in policies]
+    lams = [training_info(f).get("train_config", {}).get("lam") for f in folders]
+    by_lam = None not in lams and len(set(lams)) == len(lams)
+    values = tuple(lams) if by_lam else tuple(str(f) for f in folders)
+    folder_of = dict(zip(values, folders))
+
+    def policy(value: Any, bench: Bench) -> Controller:
+        loaded = load_policy(folder_of[value])
+        check_policy(loaded, bench.pipe.backbone)
+        return loaded
+
+    return register_controller(name, label, "lam" if by_lam else "policy", values, values, policy)
+
+
+def policy_methods(policies: str | None, tpdm: str | None) -> list[str]:
+    """Register ``--policy`` (comma-separated; default: the shipped default policy, when there is one) as
+    "rapid3" and ``--tpdm`` (step-only policies) as "tpdm"; their names."""
+    from ..policy.shipped import SHIPPED_POLICIES
+
+    if policies is None and (SHIPPED_POLICIES / "default" / "config.json").is_file():
+        policies = "default"
+    chosen = []
+    for name, label, given in (("rapid3", "RAPID3 policy", policies), ("tpdm", "TPDM (step-only policy)", tpdm)):
+        if given:
+            register_policies(name, label, given.split(","))
+            chosen.append(name)
+    return chosen
 
 
 def run_cli(args: Any) -> int:
     """``rapid3 bench``: build the config from parsed arguments, run, print where the report is."""
+    learned = policy_methods(args.policy, args.tpdm)
     if args.list_methods:
         for m in METHODS.values():
             print(f"{m.name:28s} {m.label} ({m.knob}: {', '.join(map(str, m.values))}; quick: "
                   f"{', '.join(map(str, m.quick_values))})")
         return 0
     methods = tuple(args.methods.split(",")) if args.methods else None
-    if args.policy is not None:
-        methods = register_policy(args.policy, methods)
+    if methods is not None:
+        methods = (*methods, *(name for name in learned if name not in methods))
     config = BenchConfig.create(quick=args.quick, out=args.out, model=args.model, prompts=args.prompts,
                                 singles=args.singles, seed=args.seed, repeats=args.repeats, steps=args.steps,
                                 guidance=args.guidance, timing_images=args.timing_images, batch=args.batch,

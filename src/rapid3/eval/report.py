@@ -108,6 +108,74 @@ def _adaptivity(results: dict) -> list[str]:
     return lines + [""]
 
 
+LEARNED = ("rapid3",)  # the project's claim is about these methods' curves
+CLAIM_METRICS = (("accuracy", "checker acc.", 3), ("psnr", "PSNR", 1))
+MATCH_TOLERANCE = 0.05  # a single-setting method is compared where its speedup is within 5% of RAPID3's
+
+
+def _interpolate(rows: list[dict], speedup: float, metric: str) -> float | None:
+    """``metric`` of a method's sweep at ``speedup`` (latency), linear between its two nearest settings;
+    None where the sweep does not reach that speedup."""
+    points = sorted((r["metrics"]["speedup_latency"], r["metrics"][metric]) for r in rows
+                    if r["metrics"]["speedup_latency"] is not None and r["metrics"][metric] is not None)
+    for (s0, v0), (s1, v1) in zip(points, points[1:]):
+        if s0 <= speedup <= s1:
+            return v0 if s1 == s0 else v0 + (v1 - v0) * (speedup - s0) / (s1 - s0)
+    close = [v for s, v in points if abs(s - speedup) <= MATCH_TOLERANCE * speedup]
+    return close[0] if close else None
+
+
+def matched_speedup_comparison(results: dict) -> list[dict]:
+    """Per learned entry and other method: each claim metric of the method at the entry's latency speedup,
+    beside the entry's own (``None`` where the method's sweep does not reach that speedup)."""
+    groups: dict[str, list[dict]] = {}
+    for row in results["entries"]:
+        if row["status"] == "ok" and row["method"] not in ("full", "peer_full"):
+            groups.setdefault(row["method"], []).append(row)
+    comparisons = []
+    for learned in (r for name in LEARNED for r in groups.get(name, [])):
+        speedup = learned["metrics"]["speedup_latency"]
+        for name, rows in groups.items():
+            if name in LEARNED or speedup is None:
+                continue
+            comparisons.append({"learned": entry_label(learned), "speedup": speedup, "method": rows[0]["label"],
+                                "range": (min(r["metrics"]["speedup_latency"] for r in rows),
+                                          max(r["metrics"]["speedup_latency"] for r in rows)),
+                                **{metric: (learned["metrics"][metric], _interpolate(rows, speedup, metric))
+                                   for metric, _, _ in CLAIM_METRICS}})
+    return comparisons
+
+
+def _claim(results: dict) -> list[str]:
+    """The project's claim, checked: is RAPID3 above every other curve at its own wall-clock speedup?"""
+    comparisons = matched_speedup_comparison(results)
+    if not comparisons:
+        return []
+    lines = ["## RAPID3 against every other method at matched speedup", "",
+             "Each other method's quality at the RAPID3 entry's latency speedup, interpolated linearly along its "
+             "sweep (Δ = RAPID3 minus the method; \"–\": the sweep does not reach that speedup).", "",
+             "| RAPID3 entry | speedup | method (speedup range) | " +
+             " | ".join(f"{label} RAPID3 / method (Δ)" for _, label, _ in CLAIM_METRICS) + " |",
+             "|---|---|---|" + "---|" * len(CLAIM_METRICS)]
+    below = []
+    for c in comparisons:
+        cells = []
+        for metric, label, digits in CLAIM_METRICS:
+            ours, theirs = c[metric]
+            if theirs is None or ours is None:
+                cells.append("–")
+                continue
+            cells.append(f"{ours:.{digits}f} / {theirs:.{digits}f} ({ours - theirs:+.{digits}f})")
+            if ours < theirs:
+                below.append(f"{label} below {c['method']} by {theirs - ours:.{digits}f} at {c['speedup']:.2f}×")
+        low, high = c["range"]
+        lines.append(f"| {c['learned']} | {c['speedup']:.2f}× | {c['method']} ({low:.2f}–{high:.2f}×) | "
+                     + " | ".join(cells) + " |")
+    verdict = ("**Not above every curve**: " + "; ".join(below) + "." if below
+               else "RAPID3 is at or above every method whose sweep reaches its speedup.")
+    return lines + ["", verdict, ""]
+
+
 def render(results: dict, figures: dict[str, str]) -> str:
     """The whole report as Markdown; ``figures`` maps figure names to files beside the report."""
     config, model, machine = results["config"], results["model"], results["machine"]
@@ -134,5 +202,6 @@ def render(results: dict, figures: dict[str, str]) -> str:
     calibration = ["## Calibration", "", "Fitted on full-compute runs of train-split prompts (calibration.json):", ""]
     calibration += [f"- `{name}`: {', '.join(f'{v:.4g}' for v in values)}"
                     for name, values in results["calibration"].items()]
-    return "\n".join(head + _table(results) + [""] + _peers(results) + ["## Adaptivity", ""] + _adaptivity(results)
+    return "\n".join(head + _table(results) + [""] + _claim(results) + _peers(results) + ["## Adaptivity", ""]
+                     + _adaptivity(results)
                      + figure_lines + calibration + ["", DEFINITIONS])
