@@ -23,6 +23,7 @@ from rapid3.train.grpo import discounted_reward
 from rapid3.train.rollout import rollout
 from rapid3.train.trainer import (
     build_run,
+    fidelity,
     rollout_rewards,
     train,
     train_iteration,
@@ -131,7 +132,7 @@ def test_yaml_round_trip(tmp_path):
     ("group_size: four\n", "group_size must be int"),
     ("step_skip: 1\n", "step_skip must be bool"),
     ("lam: 1.5\n", "lam must lie strictly inside"),
-    ("reward: q*d\n", "reward must be one of"),
+    ("reward: q*d\n", "reward must join distinct terms"),
     ("- lr\n", "must map knob names"),
 ])
 def test_bad_yaml_is_rejected_with_the_reason(tmp_path, text, message):
@@ -165,7 +166,7 @@ class Fixed:
         return self.values
 
 
-@pytest.mark.parametrize("reward", ["q+d", "q", "d"])
+@pytest.mark.parametrize("reward", ["q+d", "q", "d", "q+d+f"])
 def test_reward_options_use_exactly_their_terms(small, reward, tmp_path):
     run = build_run(small.replace(out=str(tmp_path), reward=reward, omega=0.5,
                                   reward_model=small.reward_model if "q" in reward else str(tmp_path / "absent")))
@@ -271,3 +272,26 @@ def test_curves_need_a_log_with_records(tmp_path):
     (tmp_path / "log.jsonl").write_text("")
     with pytest.raises(ValueError, match="no iteration yet"):
         read_log(tmp_path / "log.jsonl")
+
+
+def test_fidelity_rewards_closeness_to_full_compute(small, tmp_path):
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    assert fidelity(images, images).tolist() == pytest.approx([1.0] * 3)
+    assert (fidelity(images, torch.rand(3, 3, 32, 32) * 2 - 1) < 0.2).all()
+    assert (fidelity(images, -images) == 0).all()  # negative SSIM is clipped: the reward stays non-negative
+    run = build_run(small.replace(out=str(tmp_path), reward="f", psi=2.0))
+    assert run.quality is None and run.disc is None
+    rollouts = rollout(run.pipe, run.policy, ["a red circle"], [0], group_size=2, step_cap=4, guidance_scale=4.0)
+    originals = rollouts.images[:1].clone()  # trajectory 0 is its own reference
+    scores = rollout_rewards(rollouts, None, None, lam=0.9, omega=1.0, originals=originals, psi=2.0)
+    assert scores["fidelity"][0] == pytest.approx(1.0)
+    torch.testing.assert_close(scores["reward"], discounted_reward(0.0, 0.0, rollouts.equivalent_steps, lam=0.9,
+                                                                   omega=1.0, fidelity=scores["fidelity"], psi=2.0))
+    metrics = train_iteration(run, ["a red circle"], [3])
+    assert 0 <= metrics["train/fidelity"] <= 1 and "train/quality" not in metrics and "train/disc" not in metrics
+
+
+@pytest.mark.parametrize("reward", ["q+q", "x", "q+d+", ""])
+def test_reward_terms_are_checked(reward):
+    with pytest.raises(ValueError, match="distinct terms of q, d, f"):
+        TrainConfig(reward=reward)

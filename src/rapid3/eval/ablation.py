@@ -1,7 +1,7 @@
 """Ablations of RAPID3 on the embedded model: which heads, which reward terms.
 
     python -m rapid3.eval.ablation --out bench-out/ablation [--config base.yaml] [--iterations 40]
-        [--variants step,step+cache,step+cache+sparse,q,d] [--eval-prompts 64]
+        [--variants step,step+cache,step+cache+sparse,q,d,q+d+f] [--eval-prompts 64]
 
 Each variant is a ``rapid3 train`` run from one base config with one change (``VARIANTS``); the
 full method (three heads, q + d) is ``step+cache+sparse`` and serves both tables. Runs live in
@@ -38,12 +38,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "step+cache+sparse": {},  # RAPID3: every head, q + d
     "q": {"reward": "q"},
     "d": {"reward": "d"},
+    "q+d+f": {"reward": "q+d+f"},  # ours: plus fidelity to full compute
 }
 HEADS_TABLE = ("step", "step+cache", "step+cache+sparse")
-REWARDS_TABLE = (("q", "q"), ("d", "d"), ("q+d", "step+cache+sparse"))
+REWARDS_TABLE = (("q", "q"), ("d", "d"), ("q+d", "step+cache+sparse"), ("q+d+f", "q+d+f"))
 COLUMNS = (("eval/accuracy", "checker acc.", 3), ("eval/accuracy_full", "full compute acc.", 3),
            ("eval/equivalent_steps", "K (FLOPs)", 1), ("eval/speedup_wall", "wall-clock speedup", 2),
-           ("eval/speedup_flops", "FLOP speedup", 2), ("eval/quality", "q", 3), ("train_minutes", "train min", 1))
+           ("eval/speedup_flops", "FLOP speedup", 2), ("eval/ssim", "SSIM to full", 3), ("eval/quality", "q", 3),
+           ("train_minutes", "train min", 1))
 
 
 def train_variants(base: TrainConfig, out: Path, variants: list[str]) -> dict[str, Path]:

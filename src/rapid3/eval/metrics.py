@@ -42,12 +42,16 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch
 
 
 def ssim(images: np.ndarray, reference: np.ndarray, data_range: float = 255.0) -> np.ndarray:
-    """Structural similarity per image (Wang et al. 2004): local means, variances and covariance
-    under a Gaussian window (valid positions only), SSIM map averaged over positions and channels.
-    1 for identical images."""
-    a, b = _pair(images, reference)
+    """Structural similarity per image (Wang et al. 2004) of uint8 batches; see :func:`ssim_tensor`."""
+    return ssim_tensor(*_pair(images, reference), data_range=data_range).numpy()
+
+
+def ssim_tensor(a: torch.Tensor, b: torch.Tensor, data_range: float) -> torch.Tensor:
+    """Structural similarity per image of two float batches (N, C, H, W): local means, variances and
+    covariance under a Gaussian window (valid positions only), SSIM map averaged over positions and
+    channels. 1 for identical images."""
     channels = a.shape[1]
-    window = gaussian_window().expand(channels, 1, -1, -1)
+    window = gaussian_window().to(a.device, a.dtype).expand(channels, 1, -1, -1)
     if min(a.shape[-2:]) < window.shape[-1]:
         raise ValueError(f"images of {tuple(a.shape[-2:])} are smaller than the {window.shape[-1]}-pixel SSIM window")
     blur = lambda x: F.conv2d(x, window, groups=channels)  # noqa: E731
@@ -57,7 +61,7 @@ def ssim(images: np.ndarray, reference: np.ndarray, data_range: float = 255.0) -
     cov = blur(a * b) - mu_a * mu_b
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return ssim_map.flatten(1).mean(1).numpy()
+    return ssim_map.flatten(1).mean(1)
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:

@@ -19,7 +19,8 @@ import yaml
 
 CONFIG_FILE = "config.yaml"
 """The run folder's copy of its config, which ``--resume`` starts from."""
-REWARDS = ("q+d", "q", "d")
+REWARD_TERMS = ("q", "d", "f")
+"""q: the reward model, d: the discriminator (the paper's two), f: fidelity to full compute (ours)."""
 STEP_COSTS = ("flops", "measured")
 POLICY_FIELDS = ("hidden_dim", "step_skip", "cache_reuse", "sparse_attention", "init_ratio", "init_concentration",
                  "init_reuse_prob", "init_dense_prob")
@@ -60,8 +61,10 @@ class TrainConfig:
     group_size: int = knob(8, "G: trajectories per prompt, all from the same initial noise")
     step_cap: int = knob(28, "most steps per image; the full-compute reference runs exactly this many")
     guidance_scale: float = knob(4.0, "classifier-free guidance scale of every sample")
-    # --- reward  r = (q + omega * d) * (1 - lam^K) / (K * (1 - lam))
-    reward: str = knob("q+d", "reward terms: 'q+d' (paper), 'q' (reward model only), 'd' (discriminator only)")
+    # --- reward  r = (q + omega * d + psi * f) * (1 - lam^K) / (K * (1 - lam))
+    reward: str = knob("q+d", "reward terms joined by '+': q (reward model), d (discriminator), f (fidelity: SSIM "
+                              "to the full-compute image from the same noise, clipped to [0, 1]; ours, not the "
+                              "paper's); 'q+d' is the paper's")
     reward_model: str | None = knob(None, "embedded: exported reward model folder (default: the one shipped); with "
                                           "pipeline: the CLIPModel (folder or Hub id) of the CLIP-score q, required "
                                           "when the reward has q")
@@ -75,6 +78,7 @@ class TrainConfig:
                                     "as sparse attention at a few hundred tokens on a CPU; embedded model only)")
     lam: float = knob(0.97, "compute discount lambda in (0, 1): the speed/quality knob; smaller is faster")
     omega: float = knob(1.0, "weight of the discriminator score d in the reward")
+    psi: float = knob(1.0, "weight of the fidelity term f in the reward (with an f reward)")
     # --- policy (RapidPolicy's own arguments)
     hidden_dim: int = knob(64, "width of the policy's shared trunk")
     step_skip: bool = knob(True, "learn the Step-Skip head (else the uniform grid of step_cap steps)")
@@ -126,8 +130,10 @@ class TrainConfig:
         if self.minibatches > self.prompts_per_iteration * self.group_size:
             raise ValueError(f"minibatches ({self.minibatches}) exceeds the trajectories per iteration "
                              f"({self.prompts_per_iteration * self.group_size}).")
-        if self.reward not in REWARDS:
-            raise ValueError(f"reward must be one of {', '.join(REWARDS)}; got {self.reward!r}.")
+        terms = self.reward.split("+")
+        if not set(terms) <= set(REWARD_TERMS) or len(set(terms)) != len(terms):
+            raise ValueError(f"reward must join distinct terms of {', '.join(REWARD_TERMS)} with '+' (e.g. 'q+d', "
+                             f"'q+d+f', 'd'); got {self.reward!r}.")
         if self.step_costs not in STEP_COSTS:
             raise ValueError(f"step_costs must be one of {', '.join(STEP_COSTS)}; got {self.step_costs!r}.")
         if self.disc_warmup < 0:
@@ -135,7 +141,7 @@ class TrainConfig:
         for name in ("lam", "init_ratio", "init_reuse_prob", "init_dense_prob"):
             if not 0 < getattr(self, name) < 1:
                 raise ValueError(f"{name} must lie strictly inside (0, 1), got {getattr(self, name)}.")
-        for name in ("omega", "weight_decay"):
+        for name in ("omega", "psi", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("guidance_scale", "init_concentration", "lr", "clip", "grad_clip", "disc_lr"):
@@ -170,12 +176,17 @@ class TrainConfig:
     @property
     def uses_quality(self) -> bool:
         """Whether the reward has the reward-model term q."""
-        return "q" in self.reward
+        return "q" in self.reward.split("+")
 
     @property
     def uses_discriminator(self) -> bool:
         """Whether the reward has the discriminator term d (and a discriminator is trained)."""
-        return "d" in self.reward
+        return "d" in self.reward.split("+")
+
+    @property
+    def uses_fidelity(self) -> bool:
+        """Whether the reward has the fidelity term f (full-compute images are sampled for it)."""
+        return "f" in self.reward.split("+")
 
     def policy_kwargs(self) -> dict[str, Any]:
         """``RapidPolicy`` arguments set by this config."""

@@ -10,9 +10,10 @@ prompts come from the scene grammar; a pipeline's are a CLIP score and a prompt 
 
 Each iteration, on this rank's prompts (``train_iteration``):
   1. rollout: G trajectories per prompt from one initial noise, actions drawn from the policy;
-  2. reward: r = (q + omega * d) * (1 - lam^K) / (K * (1 - lam)) with q the learned reward model,
-     d the discriminator's probability that the image is from the full-compute sampler, K the
-     equivalent steps (``reward`` picks q + d, q alone or d alone);
+  2. reward: r = (q + omega * d + psi * f) * (1 - lam^K) / (K * (1 - lam)) with q the learned reward
+     model, d the discriminator's probability that the image is from the full-compute sampler, f (ours,
+     optional) the SSIM to the full-compute image from the same noise, K the equivalent steps
+     (``reward`` picks the terms: the paper's q + d, or q, d, f alone or combined);
   3. advantages normalised within each prompt's group;
   4. ``inner_epochs`` x ``minibatches`` AdamW steps on the clipped surrogate, per-decision ratios, no KL;
   5. the discriminator: full-compute images of the same prompts and noise join the positives'
@@ -58,15 +59,36 @@ from ..embedded.pipeline import EmbeddedPipeline
 from ..embedded.reward import RewardModel, load_reward_model
 from ..embedded.scenes import SceneSpec, sample_scene
 from ..embedded.text_encoder import MiniLMTextEncoder
-from ..generators import Checker, EmbeddedGenerator, Generation, Generator, PipelineGenerator, resolve_device
+from ..eval.metrics import ssim_tensor
+from ..generators import (
+    Checker,
+    EmbeddedGenerator,
+    Generation,
+    Generator,
+    PipelineGenerator,
+    resolve_device,
+)
 from ..policy import RapidPolicy
 from ..prompts import read_prompts, split_prompts
 from ..rewards.clip import CLIPAdapterDiscriminator, CLIPScore
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, POLICY_FIELDS, TrainConfig
 from .curves import CURVES, plot_curves, read_log
-from .discriminator import Discriminator, ImageDiscriminator, ModuleDiscriminator, ReplayBuffer
-from .distributed import MINIBATCHES, RANKS, AveragedGradients, GroupStreams, World, joined_world, stream_seed
+from .discriminator import (
+    Discriminator,
+    ImageDiscriminator,
+    ModuleDiscriminator,
+    ReplayBuffer,
+)
+from .distributed import (
+    MINIBATCHES,
+    RANKS,
+    AveragedGradients,
+    GroupStreams,
+    World,
+    joined_world,
+    stream_seed,
+)
 from .faults import StopSignals, drop_nonfinite_groups, logger
 from .grpo import discounted_reward, group_advantages, grpo_loss, zero_spread_fraction
 from .rollout import Rollouts, rollout
@@ -100,19 +122,31 @@ class EmbeddedQuality:
 
 
 def image_rewards(images: Tensor, prompts: list[str], equivalent_steps: Tensor, quality: QualityModel | None,
-                  disc: Discriminator | None, *, lam: float, omega: float) -> dict[str, Tensor]:
-    """Per image: ``quality`` q, ``disc`` d (0 for an absent term) and the discounted ``reward`` r."""
+                  disc: Discriminator | None, *, lam: float, omega: float, reference: Tensor | None = None,
+                  psi: float = 0.0) -> dict[str, Tensor]:
+    """Per image: ``quality`` q, ``disc`` d, ``fidelity`` f (SSIM to ``reference``, the full-compute images
+    from the same noise, clipped to [0, 1]), 0 for an absent term, and the discounted ``reward`` r."""
     absent = torch.zeros(len(images), dtype=torch.float64)
     q = absent if quality is None else quality.score(images, prompts).double().cpu()
     d = absent if disc is None else disc.score(images).double().cpu()
-    return {"quality": q, "disc": d, "reward": discounted_reward(q, d, equivalent_steps, lam=lam, omega=omega)}
+    f = absent if reference is None else fidelity(images, reference)
+    return {"quality": q, "disc": d, "fidelity": f,
+            "reward": discounted_reward(q, d, equivalent_steps, lam=lam, omega=omega, fidelity=f, psi=psi)}
+
+
+def fidelity(images: Tensor, reference: Tensor) -> Tensor:
+    """SSIM (B,) float64 of images in [-1, 1] to their references, clipped to [0, 1] (a reward term must
+    not be negative: the discount would then reward spending more)."""
+    to_unit = lambda x: (x.double().cpu() + 1) / 2  # noqa: E731  (SSIM's luminance term needs intensities >= 0)
+    return ssim_tensor(to_unit(images), to_unit(reference), data_range=1.0).clamp(0, 1)
 
 
 def rollout_rewards(rollouts: Rollouts, quality: QualityModel | None, disc: Discriminator | None, *,
-                    lam: float, omega: float) -> dict[str, Tensor]:
-    """:func:`image_rewards` of every trajectory."""
+                    lam: float, omega: float, originals: Tensor | None = None, psi: float = 0.0) -> dict[str, Tensor]:
+    """:func:`image_rewards` of every trajectory; ``originals``: one full-compute image per prompt (for f)."""
+    reference = None if originals is None else originals.repeat_interleave(rollouts.group_size, dim=0)
     return image_rewards(rollouts.images, rollouts.prompts, rollouts.equivalent_steps, quality, disc, lam=lam,
-                         omega=omega)
+                         omega=omega, reference=reference, psi=psi)
 
 
 # ----------------------------------------------------------------------------- updates
@@ -251,7 +285,12 @@ def train_iteration(run: Run, prompts: list[str], seeds: list[int]) -> dict[str,
     torch.manual_seed(stream_seed(RANKS, cfg.seed, run.iteration, world.rank))  # anything else drawing: per rank
     rollouts = rollout(run.pipe, GroupStreams(run.policy, seeds, cfg.group_size), prompts, seeds,
                        group_size=cfg.group_size, step_cap=cfg.step_cap, guidance_scale=cfg.guidance_scale)
-    scores = rollout_rewards(rollouts, run.quality, run.disc, lam=cfg.lam, omega=cfg.omega)
+    originals = None  # full compute from each group's noise: the discriminator's positives, f's references
+    if run.disc is not None or cfg.uses_fidelity:
+        originals = run.pipe.sample(prompts, seeds, FullCompute(), step_cap=cfg.step_cap,
+                                    guidance_scale=cfg.guidance_scale).images
+    scores = rollout_rewards(rollouts, run.quality, run.disc, lam=cfg.lam, omega=cfg.omega,
+                             originals=originals if cfg.uses_fidelity else None, psi=cfg.psi)
     rollouts, scores, dropped = drop_nonfinite_groups(rollouts, scores)
     if world.sum(len(rollouts)) == 0:
         raise ValueError(f"every rollout of iteration {run.iteration + 1} has a NaN or infinity: the model, reward "
@@ -264,8 +303,6 @@ def train_iteration(run: Run, prompts: list[str], seeds: list[int]) -> dict[str,
         minibatch_rng = torch.Generator().manual_seed(stream_seed(MINIBATCHES, cfg.seed, run.iteration))
         metrics |= policy_update(run.policy, run.optimizer, rollouts, advantages, cfg, world, minibatch_rng)
     if run.disc is not None:
-        originals = run.pipe.sample(prompts, seeds, FullCompute(), step_cap=cfg.step_cap,
-                                    guidance_scale=cfg.guidance_scale).images
         run.positives.push(world.gather_rows(originals[originals.flatten(1).isfinite().all(1)]))
         run.negatives.push(world.gather_rows(rollouts.images))
         metrics |= discriminator_update(run.disc, run.positives, run.negatives, cfg, world)
@@ -290,6 +327,8 @@ def rollout_metrics(rollouts: Rollouts, scores: dict[str, Tensor], cfg: TrainCon
         metrics["train/quality"] = scores["quality"].mean().item()
     if cfg.uses_discriminator:
         metrics["train/disc"] = scores["disc"].mean().item()
+    if cfg.uses_fidelity:
+        metrics["train/fidelity"] = scores["fidelity"].mean().item()
     return metrics
 
 
@@ -329,8 +368,11 @@ def evaluate(pipe: Generator, policy: RapidPolicy, prompts: list[str], cfg: Trai
     metrics = {"eval/equivalent_steps": k["policy"].mean().item(),
                "eval/speedup_flops": flops["full"] / flops["policy"],
                "eval/speedup_wall": seconds["full"] / seconds["policy"]}
+    metrics["eval/ssim"] = fidelity(images["policy"], images["full"]).mean().item()
+    reference = images["full"] if cfg.uses_fidelity else None
     for name, suffix in (("policy", ""), ("full", "_full")):
-        scores = image_rewards(images[name], prompts, k[name], quality, disc, lam=cfg.lam, omega=cfg.omega)
+        scores = image_rewards(images[name], prompts, k[name], quality, disc, lam=cfg.lam, omega=cfg.omega,
+                               reference=reference, psi=cfg.psi)
         metrics[f"eval/reward{suffix}"] = scores["reward"].mean().item()
         if quality is not None:
             metrics[f"eval/quality{suffix}"] = scores["quality"].mean().item()
@@ -436,7 +478,9 @@ class RunLog:
     interrupted run past the checkpoint are dropped from both, so the logs read as one run."""
 
     def __init__(self, out: Path, start: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # imported here: tensorboard is slow to import
+        )
 
         self.path = out / LOG
         if self.path.exists():
