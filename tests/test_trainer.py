@@ -295,3 +295,10 @@ def test_fidelity_rewards_closeness_to_full_compute(small, tmp_path):
 def test_reward_terms_are_checked(reward):
     with pytest.raises(ValueError, match="distinct terms of q, d, f"):
         TrainConfig(reward=reward)
+
+
+def test_the_documented_embedded_policy_config_loads():
+    from pathlib import Path
+
+    cfg = TrainConfig.from_yaml(Path(__file__).parents[1] / "configs" / "embedded-policy.yaml")
+    assert cfg.step_costs == "measured" and cfg.iterations * cfg.prompts_per_iteration * cfg.group_size <= 1000
