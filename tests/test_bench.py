@@ -10,6 +10,7 @@ import pytest
 from tiny_pipelines import export_tiny_embedded
 
 from rapid3.cli import main
+from rapid3.embedded import scenes
 from rapid3.embedded.model import embedded_transformer_config
 from rapid3.eval import bench, report
 from rapid3.policy import RapidPolicy
@@ -44,7 +45,7 @@ def results(tiny_model, tmp_path_factory):
              "first_block_cache": (0.1,)}
     config = bench.BenchConfig.create(quick=True, out=out, model=tiny_model, steps=STEPS, prompts=2, singles=1,
                                       repeats=1, calibration_images=3, knobs=knobs)
-    reward = lambda images, prompts: [float(len(p)) for p in prompts]  # noqa: E731
+    reward = lambda images, prompts: [float(len(p)) for p in prompts]
     try:
         yield bench.run_bench(config, reward=reward, progress=False), out
     finally:
@@ -97,12 +98,12 @@ def test_report_json_and_plots_are_written(results):
 
 
 def test_prompts_are_held_out_and_stratified():
-    specs = bench.bench_prompts(200, 25)
+    specs = scenes.evaluation_prompts(200, 25)
     kinds = Counter(s.kind for s in specs)
     assert kinds == {"count": 6, "pair": 42, "relation": 76, "triple": 76, "single": 25}
     assert len({s.caption for s in specs[:200]}) == 200
     with pytest.raises(ValueError, match="held-out split has"):
-        bench.bench_prompts(10_000, 0)
+        scenes.evaluation_prompts(10_000, 0)
 
 
 def test_cli_lists_methods_and_rejects_unknown_ones(capsys, tmp_path):

@@ -302,3 +302,12 @@ def test_the_documented_embedded_policy_config_loads():
 
     cfg = TrainConfig.from_yaml(Path(__file__).parents[1] / "configs" / "embedded-policy.yaml")
     assert cfg.step_costs == "measured" and cfg.iterations * cfg.prompts_per_iteration * cfg.group_size <= 1000
+
+
+def test_evaluation_prompts_cover_every_complexity():
+    from rapid3.embedded.scenes import parse_caption
+    from rapid3.train.trainer import heldout_prompts
+
+    specs = heldout_prompts(16)
+    assert sum(s.kind == "single" for s in specs) == 2
+    assert {parse_caption(s.caption).complexity for s in specs} == {1, 2, 3}

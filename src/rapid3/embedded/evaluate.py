@@ -19,11 +19,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..baselines.steps import UniformSteps
-from ..eval.bench import bench_prompts
 from .checker import checker_accuracy
 from .grid import caption_grid
 from .pipeline import EmbeddedPipeline
-from .scenes import SceneSpec
+from .scenes import SceneSpec, evaluation_prompts
 
 EVAL_SEED = 10_000  # far from the training run's seeds; image i uses EVAL_SEED + i
 
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = EmbeddedPipeline.from_pretrained(args.model)
-    specs = bench_prompts(args.prompts, args.singles)
+    specs = evaluation_prompts(args.prompts, args.singles)
     columns = grid_columns(specs)
     results = {}
     for steps in args.steps:

@@ -321,3 +321,28 @@ def sample_scene(rng: np.random.Generator, split: str = "train") -> SceneSpec:
     weights = np.array([TRAIN_KIND_WEIGHTS[k] for k in kinds])
     kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
     return groups[kind][rng.integers(len(groups[kind]))]
+
+
+EVALUATION_KIND_ORDER = ("triple", "relation", "pair", "count")  # round-robin order of held-out kinds
+
+
+def evaluation_prompts(heldout: int, singles: int) -> list[SceneSpec]:
+    """The fixed evaluation prompts of the embedded world: ``heldout`` held-out captions, round-robin
+    over kinds (a fixed shuffle within each kind), then ``singles`` single-object captions of the train
+    split (the held-out split has none by design; cycled if more are asked than exist), so that
+    every complexity 1-3 is measured."""
+    rng = np.random.default_rng(0)
+    split = prompt_splits()
+    queues = {kind: [s for s in split["heldout"] if s.kind == kind] for kind in EVALUATION_KIND_ORDER}
+    queues = {kind: [specs[i] for i in rng.permutation(len(specs))] for kind, specs in queues.items()}
+    available = sum(len(q) for q in queues.values())
+    if heldout > available:
+        raise ValueError(f"asked for {heldout} held-out prompts; the held-out split has {available}.")
+    picked: list[SceneSpec] = []
+    while len(picked) < heldout:
+        for kind in EVALUATION_KIND_ORDER:
+            if queues[kind] and len(picked) < heldout:
+                picked.append(queues[kind].pop(0))
+    single = [s for s in split["train"] if s.kind == "single"]
+    single = [single[i] for i in rng.permutation(len(single))]
+    return picked + [single[i % len(single)] for i in range(singles)]

@@ -49,7 +49,6 @@ from .evaluator import image_features, load_evaluator
 Scorer = Callable[[np.ndarray, list[str]], Sequence[float]]
 """An optional quality model: uint8 images (N, H, W, 3) and their prompts -> one score per image."""
 
-KIND_ORDER = ("triple", "relation", "pair", "count")  # round-robin order of held-out kinds
 # --quick: a smoke test of every method in a few minutes on a CPU; one thread, because on a shared
 # machine two threads over batch-1 work can be 5-50x slower and the timings mostly noise.
 QUICK = {"prompts": 4, "singles": 2, "repeats": 2, "timing_images": 1, "calibration_images": 2, "threads": 1}
@@ -225,26 +224,6 @@ register_peer("first_block_cache", "diffusers FirstBlockCache", (0.05, 0.1, 0.2)
 
 
 # -- the benchmark ----------------------------------------------------------------------------------
-def bench_prompts(heldout: int, singles: int) -> list[scenes.SceneSpec]:
-    """``heldout`` held-out captions, round-robin over kinds (a fixed shuffle within each kind), then
-    ``singles`` single-object captions of the train split (cycled if more are asked than exist)."""
-    rng = np.random.default_rng(0)
-    split = scenes.prompt_splits()
-    queues = {kind: [s for s in split["heldout"] if s.kind == kind] for kind in KIND_ORDER}
-    queues = {kind: [specs[i] for i in rng.permutation(len(specs))] for kind, specs in queues.items()}
-    available = sum(len(q) for q in queues.values())
-    if heldout > available:
-        raise ValueError(f"asked for {heldout} held-out prompts; the held-out split has {available}.")
-    picked: list[scenes.SceneSpec] = []
-    while len(picked) < heldout:
-        for kind in KIND_ORDER:
-            if queues[kind] and len(picked) < heldout:
-                picked.append(queues[kind].pop(0))
-    single = [s for s in split["train"] if s.kind == "single"]
-    single = [single[i] for i in rng.permutation(len(single))]
-    return picked + [single[i % len(single)] for i in range(singles)]
-
-
 class Bench:
     """The shared state of a run: pipeline, peer harness, prompts, noise, calibration."""
 
@@ -253,7 +232,7 @@ class Bench:
         self.pipe = EmbeddedPipeline.from_pretrained(config.model)
         self.harness = PeerHarness(load_embedded(config.model)[0], self.pipe.backbone, num_steps=config.steps,
                                    guidance_scale=config.guidance)
-        self.specs = bench_prompts(config.prompts, config.singles)
+        self.specs = scenes.evaluation_prompts(config.prompts, config.singles)
         self.cond, self.uncond = self.pipe.encode([s.caption for s in self.specs])
         self.noise = initial_noise(len(self.specs), config.seed)
         self.calibration: dict[str, list[float]] = {}

@@ -57,7 +57,7 @@ from ..accel.costs import MeasuredStepCosts
 from ..baselines.steps import FullCompute
 from ..embedded.pipeline import EmbeddedPipeline
 from ..embedded.reward import RewardModel, load_reward_model
-from ..embedded.scenes import SceneSpec, sample_scene
+from ..embedded.scenes import SceneSpec, evaluation_prompts, sample_scene
 from ..embedded.text_encoder import MiniLMTextEncoder
 from ..eval.metrics import ssim_tensor
 from ..generators import (
@@ -336,9 +336,9 @@ def rollout_metrics(rollouts: Rollouts, scores: dict[str, Tensor], cfg: TrainCon
 
 
 def heldout_prompts(n: int) -> list[SceneSpec]:
-    """The fixed evaluation set: ``n`` held-out-split captions (the first ``n`` of one seeded sequence)."""
-    rng = np.random.default_rng(EVAL_SEED)
-    return [sample_scene(rng, "heldout") for _ in range(n)]
+    """The fixed evaluation set of ``n`` prompts: held-out compositions and, one in eight, single-object
+    captions (the held-out split has none), so K can be compared between 1- and 3-object prompts."""
+    return evaluation_prompts(n - n // 8, n // 8)
 
 
 @torch.no_grad()
