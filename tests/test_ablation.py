@@ -21,7 +21,7 @@ def test_variants_train_once_and_fill_both_tables(models, tmp_path, monkeypatch)
     assert set(results) == {"step", "step+cache+sparse", "q"}
     assert all(0 < r["eval/equivalent_steps"] <= SMALL["step_cap"] and r["train_minutes"] > 0 for r in results.values())
     report = (tmp_path / "ablation.md").read_text()
-    assert "## Heads" in report and "| step+cache+sparse |" in report and "| q+d |" in report
+    assert "## Heads (reward q+d)" in report and "| step+cache+sparse |" in report and "| q+d (base) |" in report
     assert json.loads((tmp_path / "ablation.json").read_text())["variants"]["q"] == {"reward": "q"}
 
     trained = []  # a second run finds every policy exported and trains nothing
