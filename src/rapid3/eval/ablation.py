@@ -129,10 +129,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iterations", type=int, help="GRPO iterations of every run (overrides the config)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts of the final evaluation")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train the variants and stop (e.g. two processes training disjoint variants in one OUT; "
+                             "a last run without it evaluates them all together)")
     args = parser.parse_args(argv)
     base = TrainConfig().replace(**(read_yaml(args.config) if args.config else {}))
     if args.iterations is not None:
         base = base.replace(iterations=args.iterations)
+    if args.train_only:
+        train_variants(base, args.out, args.variants.split(","))
+        return
     summary = run_ablation(base, args.out, args.variants.split(","), args.eval_prompts)
     print(tables(summary["results"], base.reward))
     print(f"wrote {args.out / 'ablation.md'}")
