@@ -150,6 +150,11 @@ CASES = [
     Case("step-cap-zero", "step_cap must be >= 1", argv=lambda f: train_args(f, "l", "--step-cap", "0")),
     Case("knob-type", "argument --group-size: invalid int value", argv=lambda f: train_args(f, "m", "--group-size",
                                                                                            "four")),
+    Case("reward-terms", "reward must join distinct terms of q, d, f", argv=lambda f: train_args(f, "s", "--reward",
+                                                                                            "q+clip")),
+    Case("step-costs-pipeline", "step_costs 'measured' is implemented for the embedded model only",
+         argv=lambda f: ["train", "--pipeline", str(f.root), "--prompt-file", str(f.root / "prompts.csv"),
+                         "--reward-model", f.reward, "--step-costs", "measured", "--out", fresh(f, "t")]),
     # --- rapid3 train --pipeline: prompt files
     Case("pipeline-no-prompts", "a pipeline needs training prompts",
          argv=lambda f: ["train", "--pipeline", str(f.root), "--out", fresh(f, "n")]),
