@@ -42,3 +42,13 @@ def test_shipped_reward_model_prefers_the_right_colour(monkeypatch):
     wrong = ["a blue circle", "a red square", "a yellow triangle", "a green circle"]
     model, encoder = load_reward_model(), MiniLMTextEncoder()
     assert (model.score(images, right, encoder) > model.score(images, wrong, encoder)).all()
+
+
+def test_generate_with_the_shipped_default_policy(monkeypatch, tmp_path, capsys):
+    """The README's quick start: the default policy loads offline and spends fewer equivalent steps than 28."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "fast.png"
+    assert main(["generate", "a red circle above a blue square", "--policy", "default", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    equivalent = float(printed.split(" steps, ")[-1].split(" equivalent")[0])
+    assert Image.open(out).size == (256, 256) and 0 < equivalent < 28
