@@ -52,3 +52,12 @@ def test_generate_with_the_shipped_default_policy(monkeypatch, tmp_path, capsys)
     printed = capsys.readouterr().out
     equivalent = float(printed.split(" steps, ")[-1].split(" equivalent")[0])
     assert Image.open(out).size == (256, 256) and 0 < equivalent < 28
+
+
+def test_bench_scores_images_with_the_shipped_reward_model():
+    from rapid3.embedded.reward import score_images
+
+    rng = np.random.default_rng(1)
+    image = scenes.render(scenes.place(scenes.parse_caption("a blue square"), rng))
+    right, wrong = score_images(np.stack([image, image]), ["a blue square", "a red square"])
+    assert 0 <= wrong < right <= 1

@@ -169,6 +169,19 @@ def load_reward_model(path: str | Path | None = None) -> RewardModel:
     return model.eval().requires_grad_(False)
 
 
+@functools.lru_cache(maxsize=1)
+def _shipped() -> tuple[RewardModel, MiniLMTextEncoder]:
+    return load_reward_model(), MiniLMTextEncoder()
+
+
+@torch.no_grad()
+def score_images(images: np.ndarray, prompts: list[str]) -> list[float]:
+    """The shipped reward model's q in [0, 1] of uint8 images (N, H, W, 3) for their prompts: the
+    reward ``rapid3 bench`` reports by default (``--reward rapid3.embedded.reward:score_images``)."""
+    model, encoder = _shipped()
+    return model.score(to_model_space(np.asarray(images)), list(prompts), encoder).tolist()
+
+
 # ----------------------------------------------------------------------------- negatives
 
 
