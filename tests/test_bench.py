@@ -130,3 +130,11 @@ def test_matched_speedup_comparison_interpolates_each_sweep_at_rapid3s_speedup()
     assert rows["teacache"]["accuracy"] == (0.8, 0.82)  # one setting within 5% of 3.0x
     text = report._claim(results)
     assert any("checker acc. below teacache by 0.020 at 3.00×" in line for line in text)
+
+
+def test_sweeps_from_the_command_line_are_typed_and_checked():
+    assert bench.parse_sweeps(["fora=2,4", "teacache=0.1,0.4"]) == {"fora": (2, 4), "teacache": (0.1, 0.4)}
+    with pytest.raises(ValueError, match="registered method"):
+        bench.parse_sweeps(["nope=1"])
+    with pytest.raises(ValueError, match="interval takes int values"):
+        bench.parse_sweeps(["fora=two"])

@@ -260,6 +260,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="a few prompts and short sweeps: a few minutes")
     parser.add_argument("--methods", default=None, help="comma-separated method names (default all; --list-methods)")
     parser.add_argument("--list-methods", action="store_true", help="print the registered methods and their knobs")
+    parser.add_argument("--sweep", action="append", metavar="METHOD=V1,V2",
+                        help="a method's knob values instead of its default sweep (repeatable), e.g. --sweep fora=2,4")
     parser.add_argument("--prompts", type=int, default=None, help="held-out prompts (default 200; --quick 4)")
     parser.add_argument("--singles", type=int, default=None, help="single-object prompts added (default 25; --quick 2)")
     parser.add_argument("--seed", type=int, default=None, help="image i is seeded SEED + i (default 0)")

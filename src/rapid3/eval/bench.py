@@ -532,6 +532,23 @@ def policy_methods(policies: str | None, tpdm: str | None) -> list[str]:
     return chosen
 
 
+def parse_sweeps(specs: list[str] | None) -> dict[str, tuple]:
+    """``["fora=2,3", "teacache=0.1,0.4"]`` -> {method: knob values}, each value of the type of the
+    method's own defaults; ValueError naming the method or value that is wrong."""
+    sweeps = {}
+    for spec in specs or []:
+        name, _, values = spec.partition("=")
+        if name not in METHODS or not values:
+            raise ValueError(f"--sweep expects METHOD=V1,V2,... with a registered method ({', '.join(METHODS)}); "
+                             f"got {spec!r}.")
+        kind = type(METHODS[name].values[0])
+        try:
+            sweeps[name] = tuple(kind(v) for v in values.split(","))
+        except ValueError:
+            raise ValueError(f"--sweep {spec!r}: {name}'s {METHODS[name].knob} takes {kind.__name__} values.") from None
+    return sweeps
+
+
 def run_cli(args: Any) -> int:
     """``rapid3 bench``: build the config from parsed arguments, run, print where the report is."""
     learned = policy_methods(args.policy, args.tpdm)
@@ -546,7 +563,8 @@ def run_cli(args: Any) -> int:
     config = BenchConfig.create(quick=args.quick, out=args.out, model=args.model, prompts=args.prompts,
                                 singles=args.singles, seed=args.seed, repeats=args.repeats, steps=args.steps,
                                 guidance=args.guidance, timing_images=args.timing_images, batch=args.batch,
-                                calibration=args.calibration, threads=args.threads, methods=methods)
+                                calibration=args.calibration, threads=args.threads, methods=methods,
+                                knobs=parse_sweeps(args.sweep))
     results = run_bench(config, reward=load_scorer(args.reward), discriminator=load_scorer(args.discriminator))
     failed = [r["key"] for r in results["entries"] if r["status"] != "ok"]
     print(f"wrote {config.out / 'report.md'} ({len(results['entries'])} entries, {results['bench_seconds']:.0f} s)"
