@@ -130,6 +130,8 @@ def test_matched_speedup_comparison_interpolates_each_sweep_at_rapid3s_speedup()
     assert rows["teacache"]["accuracy"] == (0.8, 0.82)  # one setting within 5% of 3.0x
     text = report._claim(results)
     assert any("checker acc. below teacache by 0.020 at 3.00×" in line for line in text)
+    assert any(line.startswith("Not compared") and "fora (1.50–1.50×)" in line for line in text)
+    assert not any(line.startswith("| ") and "fora" in line for line in text)
 
 
 def test_sweeps_from_the_command_line_are_typed_and_checked():
