@@ -23,8 +23,9 @@ DEFINITIONS = f"""\
   pairs and the object count; no training reward uses it) of the method's images and of (a) exact
   renders of the same captions, (b) the full-compute images. Few images make it noisy: compare
   entries of the same run only.
-- **Reward / discriminator**: mean score of the optional reward model / discriminator callables
-  (`--reward`, `--discriminator`), "–" when none was given.
+- **Reward / discriminator**: mean score of the reward model (`--reward`; by default the embedded
+  world's shipped one, the q of training) / of an optional discriminator callable
+  (`--discriminator`), "–" when none was given.
 - **K (equivalent steps)**: Σ over executed steps of that step's FLOPs over a dense full-compute
   step's (both guidance branches): a reuse step counts only its embedding/output layers, a sparse
   step its attention saving, a probe (TeaCache, FirstBlockCache) is charged to its sample.
