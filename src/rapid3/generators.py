@@ -30,7 +30,6 @@ from torch import Tensor
 
 from .accel.actions import Actions, Controller, Observation
 from .accel.costs import MeasuredStepCosts, SampleStats, measure_step_costs
-from .accel.sampler import Sampler
 from .backbones.base import Conditioning
 from .backbones.diffusers_dit import DiffusersDiT
 from .baselines.steps import FullCompute
