@@ -18,6 +18,7 @@ from rapid3.generators import EmbeddedGenerator
 from rapid3.policy import RapidPolicy
 from rapid3.train.checkpoint import load_checkpoint
 from rapid3.train.config import TrainConfig, config_from_args
+from rapid3.train.curves import main as curves_main
 from rapid3.train.curves import read_log
 from rapid3.train.grpo import discounted_reward
 from rapid3.train.rollout import rollout
@@ -264,6 +265,12 @@ def test_measured_step_costs_price_k_and_survive_resume(small, tmp_path):
     assert stats.equivalent_steps.item() == pytest.approx(1 + 3 * costs.of(True, 0))
     with pytest.raises(ValueError, match="embedded model only"):
         TrainConfig(pipeline="x", prompt_file="p.txt", reward="d", disc_model="c", step_costs="measured")
+
+
+def test_curves_command_redraws_a_runs_png(full_run, tmp_path, capsys):
+    curves_main([str(full_run), "--out", str(tmp_path / "c.png")])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").width > 3 * Image.open(tmp_path / "c.png").height
 
 
 def test_curves_need_a_log_with_records(tmp_path):

@@ -23,14 +23,7 @@ from ..embedded.pipeline import EmbeddedPipeline
 from ..generators import EmbeddedGenerator
 from ..policy import RapidPolicy
 from ..train.config import TrainConfig, read_yaml
-from ..train.trainer import (
-    CHECKPOINT,
-    EXPORT,
-    EmbeddedQuality,
-    evaluate,
-    heldout_prompts,
-    train,
-)
+from ..train.trainer import CHECKPOINT, EXPORT, EmbeddedQuality, evaluate, heldout_prompts, train
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "step": {"cache_reuse": False, "sparse_attention": False},  # TPDM: the step head alone

@@ -130,7 +130,7 @@ class TrainConfig:
         if self.minibatches > self.prompts_per_iteration * self.group_size:
             raise ValueError(f"minibatches ({self.minibatches}) exceeds the trajectories per iteration "
                              f"({self.prompts_per_iteration * self.group_size}).")
-        terms = self.reward.split("+")
+        terms = self.reward_terms
         if not set(terms) <= set(REWARD_TERMS) or len(set(terms)) != len(terms):
             raise ValueError(f"reward must join distinct terms of {', '.join(REWARD_TERMS)} with '+' (e.g. 'q+d', "
                              f"'q+d+f', 'd'); got {self.reward!r}.")
@@ -174,19 +174,24 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
     @property
+    def reward_terms(self) -> list[str]:
+        """The terms of ``reward``, in the order given ("q+d" -> ["q", "d"])."""
+        return self.reward.split("+")
+
+    @property
     def uses_quality(self) -> bool:
         """Whether the reward has the reward-model term q."""
-        return "q" in self.reward.split("+")
+        return "q" in self.reward_terms
 
     @property
     def uses_discriminator(self) -> bool:
         """Whether the reward has the discriminator term d (and a discriminator is trained)."""
-        return "d" in self.reward.split("+")
+        return "d" in self.reward_terms
 
     @property
     def uses_fidelity(self) -> bool:
         """Whether the reward has the fidelity term f (full-compute images are sampled for it)."""
-        return "f" in self.reward.split("+")
+        return "f" in self.reward_terms
 
     def policy_kwargs(self) -> dict[str, Any]:
         """``RapidPolicy`` arguments set by this config."""

@@ -15,7 +15,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from .config import CONFIG_FILE, TrainConfig  # noqa: E402
 
 CURVES = "curves.png"
 
@@ -78,8 +80,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", type=Path, help="run folder of `rapid3 train` (holds log.jsonl)")
     parser.add_argument("--out", type=Path, help=f"PNG to write (default: RUN/{CURVES})")
     args = parser.parse_args(argv)
-    from .config import CONFIG_FILE, TrainConfig
-
     step_cap = TrainConfig.from_yaml(args.run / CONFIG_FILE).step_cap if (args.run / CONFIG_FILE).is_file() else None
     print(plot_curves(read_log(args.run / "log.jsonl"), args.out or args.run / CURVES, step_cap))
 

@@ -31,10 +31,10 @@ bit), ``log.jsonl`` (one record per iteration), ``tensorboard/``, ``curves.png``
 redrawn after each evaluation) and, at the end, ``policy/``
 (safetensors + config.json for ``RapidPolicy.from_pretrained`` / ``rapid3 generate --policy``).
 
-The shipped default policy (``rapid3 generate --policy default``) is a run with every default
-knob on the shipped embedded model and reward model, copied into the package::
+The shipped default policy (``rapid3 generate --policy default``) is a run of the documented
+embedded config on the shipped embedded model and reward model, copied into the package::
 
-    rapid3 train --out runs/default-policy
+    rapid3 train --config configs/embedded-policy.yaml --out runs/default-policy
     cp runs/default-policy/policy/* src/rapid3/policies/default/
 """
 
@@ -60,35 +60,15 @@ from ..embedded.reward import RewardModel, load_reward_model
 from ..embedded.scenes import SceneSpec, evaluation_prompts, sample_scene
 from ..embedded.text_encoder import MiniLMTextEncoder
 from ..eval.metrics import ssim_tensor
-from ..generators import (
-    Checker,
-    EmbeddedGenerator,
-    Generation,
-    Generator,
-    PipelineGenerator,
-    resolve_device,
-)
+from ..generators import Checker, EmbeddedGenerator, Generation, Generator, PipelineGenerator, resolve_device
 from ..policy import RapidPolicy
 from ..prompts import read_prompts, split_prompts
 from ..rewards.clip import CLIPAdapterDiscriminator, CLIPScore
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, POLICY_FIELDS, TrainConfig
 from .curves import CURVES, plot_curves, read_log
-from .discriminator import (
-    Discriminator,
-    ImageDiscriminator,
-    ModuleDiscriminator,
-    ReplayBuffer,
-)
-from .distributed import (
-    MINIBATCHES,
-    RANKS,
-    AveragedGradients,
-    GroupStreams,
-    World,
-    joined_world,
-    stream_seed,
-)
+from .discriminator import Discriminator, ImageDiscriminator, ModuleDiscriminator, ReplayBuffer
+from .distributed import MINIBATCHES, RANKS, AveragedGradients, GroupStreams, World, joined_world, stream_seed
 from .faults import StopSignals, drop_nonfinite_groups, logger
 from .grpo import discounted_reward, group_advantages, grpo_loss, zero_spread_fraction
 from .rollout import Rollouts, rollout
@@ -122,14 +102,14 @@ class EmbeddedQuality:
 
 
 def image_rewards(images: Tensor, prompts: list[str], equivalent_steps: Tensor, quality: QualityModel | None,
-                  disc: Discriminator | None, *, lam: float, omega: float, reference: Tensor | None = None,
+                  disc: Discriminator | None, *, lam: float, omega: float, fidelities: Tensor | None = None,
                   psi: float = 0.0) -> dict[str, Tensor]:
-    """Per image: ``quality`` q, ``disc`` d, ``fidelity`` f (SSIM to ``reference``, the full-compute images
-    from the same noise, clipped to [0, 1]), 0 for an absent term, and the discounted ``reward`` r."""
+    """Per image: ``quality`` q, ``disc`` d, ``fidelity`` f (given: :func:`fidelity` to the full-compute
+    image from the same noise), 0 for an absent term, and the discounted ``reward`` r."""
     absent = torch.zeros(len(images), dtype=torch.float64)
     q = absent if quality is None else quality.score(images, prompts).double().cpu()
     d = absent if disc is None else disc.score(images).double().cpu()
-    f = absent if reference is None else fidelity(images, reference)
+    f = absent if fidelities is None else fidelities
     return {"quality": q, "disc": d, "fidelity": f,
             "reward": discounted_reward(q, d, equivalent_steps, lam=lam, omega=omega, fidelity=f, psi=psi)}
 
@@ -144,9 +124,9 @@ def fidelity(images: Tensor, reference: Tensor) -> Tensor:
 def rollout_rewards(rollouts: Rollouts, quality: QualityModel | None, disc: Discriminator | None, *,
                     lam: float, omega: float, originals: Tensor | None = None, psi: float = 0.0) -> dict[str, Tensor]:
     """:func:`image_rewards` of every trajectory; ``originals``: one full-compute image per prompt (for f)."""
-    reference = None if originals is None else originals.repeat_interleave(rollouts.group_size, dim=0)
+    f = None if originals is None else fidelity(rollouts.images, originals.repeat_interleave(rollouts.group_size, 0))
     return image_rewards(rollouts.images, rollouts.prompts, rollouts.equivalent_steps, quality, disc, lam=lam,
-                         omega=omega, reference=reference, psi=psi)
+                         omega=omega, fidelities=f, psi=psi)
 
 
 # ----------------------------------------------------------------------------- updates
@@ -368,11 +348,12 @@ def evaluate(pipe: Generator, policy: RapidPolicy, prompts: list[str], cfg: Trai
     metrics = {"eval/equivalent_steps": k["policy"].mean().item(),
                "eval/speedup_flops": flops["full"] / flops["policy"],
                "eval/speedup_wall": seconds["full"] / seconds["policy"]}
-    metrics["eval/ssim"] = fidelity(images["policy"], images["full"]).mean().item()
-    reference = images["full"] if cfg.uses_fidelity else None
+    ssim = fidelity(images["policy"], images["full"])
+    metrics["eval/ssim"] = ssim.mean().item()
+    fidelities = {"policy": ssim, "full": torch.ones_like(ssim)} if cfg.uses_fidelity else {}
     for name, suffix in (("policy", ""), ("full", "_full")):
         scores = image_rewards(images[name], prompts, k[name], quality, disc, lam=cfg.lam, omega=cfg.omega,
-                               reference=reference, psi=cfg.psi)
+                               fidelities=fidelities.get(name), psi=cfg.psi)
         metrics[f"eval/reward{suffix}"] = scores["reward"].mean().item()
         if quality is not None:
             metrics[f"eval/quality{suffix}"] = scores["quality"].mean().item()
@@ -478,9 +459,7 @@ class RunLog:
     interrupted run past the checkpoint are dropped from both, so the logs read as one run."""
 
     def __init__(self, out: Path, start: int) -> None:
-        from torch.utils.tensorboard import (
-            SummaryWriter,  # imported here: tensorboard is slow to import
-        )
+        from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
         self.path = out / LOG
         if self.path.exists():
