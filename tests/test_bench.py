@@ -7,8 +7,11 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 from tiny_pipelines import export_tiny_embedded
 
+from rapid3.accel.actions import next_time_on_grid
+from rapid3.backbones import TimeSchedule
 from rapid3.cli import main
 from rapid3.embedded import scenes
 from rapid3.embedded.model import embedded_transformer_config
@@ -75,7 +78,9 @@ def test_metrics_are_consistent_with_their_definitions(results):
     assert rows["fora=2"]["steps"] == STEPS and rows["fora=2"]["equivalent_steps"] < STEPS
     policy = next(m for key, m in rows.items() if key.startswith("rapid3="))
     first_span = next(iter(policy["action_maps"].values()))[0]
-    assert first_span[:2] == pytest.approx([1.0, 0.85])  # the fresh policy's Step-Skip (Beta mode 0.85)
+    # The fresh policy's Step-Skip: Beta mode 0.85, so 1 / 0.85 intervals of the STEPS-step grid.
+    grid_step = next_time_on_grid(torch.ones(1), torch.tensor([0.85]), TimeSchedule(t_min=1e-3).uniform_times(STEPS))
+    assert first_span[:2] == pytest.approx([1.0, grid_step.item()])
     assert all(m["reward"] == pytest.approx(sum(len(p["caption"]) for p in res["prompts"]) / 3) for m in rows.values())
     assert all(m["discriminator"] is None and m["latency_s"] > 0 for m in rows.values())
     assert Counter(p["complexity"] for p in res["prompts"]) == Counter({1: 1, 3: 1, 2: 1})

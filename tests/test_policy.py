@@ -54,7 +54,7 @@ def expected_log_prob(policy: RapidPolicy, obs: Observation, actions: Actions) -
     dist = policy.distribution(obs)
     total = torch.zeros(len(obs))
     if dist.alpha is not None:
-        total += Beta(dist.alpha, dist.beta).log_prob((actions.next_t / obs.t).float())
+        total += Beta(dist.alpha, dist.beta).log_prob(actions.step_ratio.float())
     if dist.cache_logits is not None:  # reuse is impossible without a cache: no term there
         total += torch.where(obs.has_cache, Categorical(logits=dist.cache_logits).log_prob(actions.reuse.long()), 0.0)
     if dist.sparse_logits is not None:  # the level is irrelevant on a reuse step
@@ -99,8 +99,7 @@ def test_fresh_policy_is_near_neutral_and_samples_its_distribution():
     policy.sampling = True
     torch.manual_seed(1)
     actions = policy.decide(obs)
-    ratio = actions.next_t / obs.t
-    assert ratio.mean().item() == pytest.approx(18 / 22, abs=0.01)  # Beta(18, 4) mean
+    assert actions.step_ratio.mean().item() == pytest.approx(18 / 22, abs=0.01)  # Beta(18, 4) mean
     assert actions.reuse.float().mean().item() == pytest.approx(0.2, abs=0.03)
     dense = (actions.level[~actions.reuse] == 0).float().mean().item()
     assert dense == pytest.approx(0.7, abs=0.03)
@@ -111,7 +110,7 @@ def test_deterministic_mode_is_beta_mode_and_argmax():
     actions = policy.decide(obs)
     dist = policy.distribution(obs)
     mode = ((dist.alpha - 1) / (dist.alpha + dist.beta - 2)).detach()
-    torch.testing.assert_close((actions.next_t / obs.t).float(), mode)
+    torch.testing.assert_close(actions.step_ratio, mode)
     reuse = (dist.cache_logits.argmax(-1) == 1) & obs.has_cache
     assert torch.equal(actions.reuse, reuse) and reuse.any()
     assert torch.equal(actions.level, torch.where(reuse, 0, dist.sparse_logits.argmax(-1)))
@@ -142,9 +141,12 @@ def test_reuse_never_chosen_without_cache():
         policy.sampling = sampling
         actions = policy.decide(obs)
         assert torch.equal(actions.reuse, obs.has_cache)
-    forced = Actions(next_t=actions.next_t, reuse=torch.ones(32, dtype=torch.bool), level=actions.level)
+    forced = Actions(next_t=actions.next_t, reuse=torch.ones(32, dtype=torch.bool), level=actions.level,
+                     step_ratio=actions.step_ratio)
     with pytest.raises(ValueError, match="reuse a cache"):
         policy.log_prob(obs, forced)
+    with pytest.raises(ValueError, match="no Step-Skip ratio"):
+        policy.log_prob(obs, Actions(next_t=actions.next_t, reuse=actions.reuse, level=actions.level))
 
 
 def test_packed_flux_latents_decide_like_spatial_ones():
@@ -203,12 +205,12 @@ def test_grpo_moves_the_policy_toward_the_rewarded_actions():
     obs = Observation(**{k: v.repeat_interleave(8, 0) if isinstance(v, torch.Tensor) else v
                          for k, v in vars(prompts).items()})  # 4 groups of 8 rollouts of one state each
     optimizer = torch.optim.Adam(policy.parameters(), lr=2e-2)
-    start_ratio = (policy.decide(obs).next_t / obs.t).mean().item()
+    start_ratio = policy.decide(obs).step_ratio.mean().item()
     torch.manual_seed(0)
     for _ in range(60):
         policy.sampling = True
         actions = policy.decide(obs)
-        reward = (actions.level == 2).double() - actions.next_t / obs.t
+        reward = (actions.level == 2).double() - actions.step_ratio
         advantages = group_advantages(reward, group_size=8)
         loss = grpo_loss(policy.log_prob(obs, actions), actions.log_prob, advantages)
         optimizer.zero_grad()
@@ -217,7 +219,7 @@ def test_grpo_moves_the_policy_toward_the_rewarded_actions():
     policy.sampling = False
     final = policy.decide(obs)
     assert (final.level == 2).all()
-    assert (final.next_t / obs.t).mean().item() < start_ratio - 0.1
+    assert final.step_ratio.mean().item() < start_ratio - 0.1
 
 
 def test_bad_config_raises():
@@ -227,4 +229,29 @@ def test_bad_config_raises():
         RapidPolicy(init_ratio=1.0)
     with pytest.raises(ValueError, match="default_steps"):
         RapidPolicy(default_steps=0)
+    with pytest.raises(ValueError, match="step_schedule must be one of grid, geometric; got 'linear'"):
+        RapidPolicy(step_schedule="linear")
     assert RapidPolicy(pooled_dim=POOLED).sparse_head.out_features == 1 + NUM_SPARSE_LEVELS
+
+
+def sampled_times(step_schedule: str, ratio: float) -> list[float]:
+    """The times a policy whose Step-Skip always picks ``ratio`` visits on the tiny SD3 sampler."""
+    backbone = SD3Backbone(tiny_sd3_transformer(), FlowMatchEulerDiscreteScheduler(shift=3.0))
+    policy = RapidPolicy.for_backbone(backbone, hidden_dim=32, step_schedule=step_schedule, init_ratio=ratio,
+                                      init_concentration=1e4, cache_reuse=False, sparse_attention=False)
+    g = torch.Generator().manual_seed(0)
+    cond = Conditioning({"encoder_hidden_states": torch.randn(1, 7, 64, generator=g),
+                         "pooled_projections": torch.randn(1, POOLED, generator=g)})
+    result = Sampler(backbone, step_cap=STEP_CAP).sample(torch.randn(1, 16, 8, 8, generator=g), cond, policy)
+    return [record.t for record in result.stats.records[0]] + [result.stats.records[0][-1].next_t]
+
+
+def test_grid_step_skip_without_skipping_is_the_reference_schedule():
+    reference = TimeSchedule.from_scheduler(FlowMatchEulerDiscreteScheduler(shift=3.0), image_seq_len=16,
+                                            grid="scheduler").uniform_times(STEP_CAP)
+    torch.testing.assert_close(torch.tensor(sampled_times("grid", 0.9999), dtype=torch.float64), reference,
+                               rtol=0, atol=1e-3)
+    # Ratio 0.5 takes every other point of the grid; the geometric schedule halves t instead.
+    torch.testing.assert_close(torch.tensor(sampled_times("grid", 0.5), dtype=torch.float64), reference[::2], rtol=0, atol=1e-3)
+    geometric = sampled_times("geometric", 0.5)
+    assert geometric[:3] == pytest.approx([1.0, 0.5, 0.25], abs=1e-3)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd3_transformer
 
-from rapid3.accel.actions import Actions, Observation, next_time_from_ratio
+from rapid3.accel.actions import Actions, Observation, next_time_from_ratio, next_time_on_grid
 from rapid3.accel.costs import MeasuredStepCosts, measure_step_costs
 from rapid3.accel.sampler import Sampler
 from rapid3.accel.sparse_attention import NUM_SPARSE_LEVELS, SPARSE_KEEP_FRACTIONS, default_block_size
-from rapid3.backbones import Conditioning, SD3Backbone, backbone_for
+from rapid3.backbones import Conditioning, SD3Backbone, TimeSchedule, backbone_for
 from rapid3.baselines.steps import FullCompute, UniformSteps
 
 PROMPTS = ["a red circle", "two blue squares"]
@@ -201,6 +202,8 @@ def test_bad_inputs_have_clear_errors(sd3):
         next_time_from_ratio(torch.ones(2), torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError, match="strictly inside"):
         next_time_from_ratio(torch.ones(1), torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="strictly inside"):
+        next_time_on_grid(torch.ones(1), torch.tensor([1.0]), TimeSchedule().uniform_times(4))
     with pytest.raises(ValueError, match="sparsity level"):
         backbone.forward(noise[:1], torch.ones(1), cond.select(torch.tensor([0])), level=7)
     with pytest.raises(ValueError, match="guidance_scale"):
@@ -275,3 +278,16 @@ def test_measured_step_costs_define_equivalent_steps(sd3):
                 (False, 1): costs.of(False, 1)}
     assert [r.equivalent_steps for r in result.stats.records[0]] == [expected[(r.reuse, r.level)]
                                                                      for r in result.stats.records[0]]
+
+
+def test_grid_step_skip_moves_along_the_reference_grid():
+    """Off-grid times step by grid intervals, linearly between points (numpy.interp); past the end is t = 0."""
+    grid = TimeSchedule(t_min=1e-3).uniform_times(28)
+    t = torch.tensor([1.0, 0.5, 0.3, 0.05, 0.05], dtype=torch.float64)
+    ratio = torch.tensor([0.999999, 0.4, 0.8, 0.5, 0.1], dtype=torch.float64)
+    times, positions = grid.flip(0).numpy(), np.arange(28, -1, -1.0)
+    expected = [np.interp(np.interp(ti, times, positions) + 1 / ri, np.arange(29.0), grid.numpy())
+                for ti, ri in zip(t.tolist(), ratio.tolist())]
+    expected[-1] = 0.0  # 10 intervals from t = 0.05 overshoot the grid's end
+    torch.testing.assert_close(next_time_on_grid(t, ratio, grid), torch.tensor(expected, dtype=torch.float64))
+    assert next_time_on_grid(t[:1], ratio[:1], grid).item() == pytest.approx(grid[1].item(), abs=1e-6)

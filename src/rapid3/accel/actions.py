@@ -46,12 +46,15 @@ class Actions:
     ``next_t``: the time to step to (Step-Skip; 0 ends the sample). ``reuse``: skip every block and
     reuse the cached residual (Cache-Reuse). ``level``: attention sparsity, 0 dense (Sparse-Attention;
     ignored on reuse). ``log_prob``: the log-probability of these actions, for learning controllers.
+    ``step_ratio``: a learning controller's raw Step-Skip action that ``next_t`` was derived from
+    (kept because the last step's ``next_t = 0`` no longer tells which ratio was drawn).
     """
 
     next_t: torch.Tensor
     reuse: torch.Tensor
     level: torch.Tensor
     log_prob: torch.Tensor | None = None
+    step_ratio: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -66,9 +69,36 @@ class Controller(Protocol):
 
 
 def next_time_from_ratio(t: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """Step-Skip: the next time is ``t * ratio`` with the ratio strictly inside (0, 1)."""
+    """Geometric Step-Skip (the paper's): the next time is ``t * ratio``, the ratio strictly inside (0, 1)."""
+    return t.double() * _check_ratio(ratio)
+
+
+def next_time_on_grid(t: torch.Tensor, ratio: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Grid-relative Step-Skip: from ``t``, advance ``1 / ratio`` intervals of the reference ``grid``.
+
+    ``grid`` is the reference sampler's decreasing times ending at 0 (``TimeSchedule.uniform_times``);
+    positions between its points are linear in t. A ratio near 1 takes one interval, so "no skip"
+    is the reference schedule itself; 0.5 takes two, and so on. Past the grid's end, the sample ends (0).
+    """
+    grid = grid.double().to(t.device)
+    intervals = len(grid) - 1
+    position = _interpolate(t.double(), grid.flip(0), torch.arange(intervals, -1, -1, dtype=torch.float64))
+    target = position + 1 / _check_ratio(ratio).to(t.device)
+    steps = torch.arange(intervals + 1, dtype=torch.float64)
+    return torch.where(target < intervals, _interpolate(target, steps, grid), torch.zeros_like(target))
+
+
+def _check_ratio(ratio: torch.Tensor) -> torch.Tensor:
     ratio = torch.as_tensor(ratio, dtype=torch.float64)
     if not bool(((ratio > 0) & (ratio < 1)).all()):
         bad = ratio[(ratio <= 0) | (ratio >= 1)]
         raise ValueError(f"A Step-Skip ratio must lie strictly inside (0, 1); got {bad.tolist()}.")
-    return t.double() * ratio
+    return ratio
+
+
+def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """numpy.interp for increasing ``xp``: piecewise-linear, exact at the points, clamped at the ends."""
+    x = x.clamp(xp[0], xp[-1])
+    right = torch.searchsorted(xp, x, right=True).clamp(1, len(xp) - 1)
+    x0, x1 = xp[right - 1], xp[right]
+    return fp[right - 1] + (x - x0) / (x1 - x0) * (fp[right] - fp[right - 1])

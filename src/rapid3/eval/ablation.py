@@ -1,7 +1,7 @@
-"""Ablations of RAPID3 on the embedded model: which heads, which reward terms.
+"""Ablations of RAPID3 on the embedded model: which heads, which reward terms, which Step-Skip schedule.
 
     python -m rapid3.eval.ablation --out bench-out/ablation [--config base.yaml] [--iterations 40]
-        [--variants step,step+cache,step+cache+sparse,q,d,q+d] [--eval-prompts 64]
+        [--variants step,step+cache,step+cache+sparse,q,d,q+d,geometric] [--eval-prompts 64]
 
 Each variant is a ``rapid3 train`` run from one base config with one change (``VARIANTS``); the
 base itself (every head, the base's reward) is ``step+cache+sparse`` and serves both tables. Runs live in
@@ -32,9 +32,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "q": {"reward": "q"},
     "d": {"reward": "d"},
     "q+d": {"reward": "q+d"},  # the paper's reward
+    # The paper's next t = a * t; at the grid's 0.85 it would never end a trajectory before the 28-step cap.
+    "geometric": {"step_schedule": "geometric", "init_ratio": 0.75},
 }
 HEADS_TABLE = ("step", "step+cache", "step+cache+sparse")
 REWARDS_TABLE = ("q", "d", "q+d")  # then the base's own reward (the step+cache+sparse run)
+SCHEDULES_TABLE = ("geometric",)  # then the base's own schedule
 COLUMNS = (("eval/accuracy", "checker acc.", 3), ("eval/accuracy_full", "full compute acc.", 3),
            ("eval/equivalent_steps", "K (FLOPs)", 1), ("eval/speedup_wall", "wall-clock speedup", 2),
            ("eval/speedup_flops", "FLOP speedup", 2), ("eval/ssim", "SSIM to full", 3), ("eval/quality", "q", 3),
@@ -80,9 +83,9 @@ def _train_minutes(run: Path) -> float:
     return sum(r.get("time/iteration_seconds", 0.0) for r in records) / 60
 
 
-def tables(results: dict[str, dict[str, float]], base_reward: str) -> str:
-    """The per-head and reward-term tables as Markdown (rows of variants that ran; the base config's
-    run, reward ``base_reward``, is the full row of both)."""
+def tables(results: dict[str, dict[str, float]], base_reward: str, base_schedule: str) -> str:
+    """The per-head, reward-term and schedule tables as Markdown (rows of variants that ran; the base
+    config's run, reward ``base_reward`` and Step-Skip schedule ``base_schedule``, is the full row of each)."""
     header = "| variant | " + " | ".join(label for _, label, _ in COLUMNS) + " |"
     rule = "|---|" + "---|" * len(COLUMNS)
 
@@ -90,15 +93,20 @@ def tables(results: dict[str, dict[str, float]], base_reward: str) -> str:
         cells = ["–" if metrics.get(key) is None else f"{metrics[key]:.{digits}f}" for key, _, digits in COLUMNS]
         return f"| {label} | " + " | ".join(cells) + " |"
 
+    def with_base(names: tuple[str, ...], base_label: str) -> list[str]:
+        rows = [row(name, results[name]) for name in names if name in results and name != base_label]
+        if rows and "step+cache+sparse" in results:
+            rows.append(row(f"{base_label} (base)", results["step+cache+sparse"]))
+        return rows
+
     heads = [row(name, results[name]) for name in HEADS_TABLE if name in results]
-    rewards = [row(name, results[name]) for name in REWARDS_TABLE if name in results and name != base_reward]
-    if "step+cache+sparse" in results:
-        rewards.append(row(f"{base_reward} (base)", results["step+cache+sparse"]))
     lines = []
     if heads:
         lines += [f"## Heads (reward {base_reward})", "", header, rule, *heads, ""]
-    if rewards:
-        lines += ["## Reward terms (every head)", "", header, rule, *rewards, ""]
+    for title, rows in (("Reward terms (every head)", with_base(REWARDS_TABLE, base_reward)),
+                        ("Step-Skip schedule (every head)", with_base(SCHEDULES_TABLE, base_schedule))):
+        if rows:
+            lines += [f"## {title}", "", header, rule, *rows, ""]
     return "\n".join(lines)
 
 
@@ -109,7 +117,8 @@ def run_ablation(base: TrainConfig, out: Path, variants: list[str], eval_prompts
     summary = {"base_config": base.to_dict(), "eval_prompts": eval_prompts,
                "variants": {name: VARIANTS[name] for name in variants}, "results": results}
     (out / "ablation.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "ablation.md").write_text("# RAPID3 ablations on the embedded model\n\n" + tables(results, base.reward))
+    markdown = tables(results, base.reward, base.step_schedule)
+    (out / "ablation.md").write_text("# RAPID3 ablations on the embedded model\n\n" + markdown)
     return summary
 
 
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         train_variants(base, args.out, args.variants.split(","))
         return
     summary = run_ablation(base, args.out, args.variants.split(","), args.eval_prompts)
-    print(tables(summary["results"], base.reward))
+    print(tables(summary["results"], base.reward, base.step_schedule))
     print(f"wrote {args.out / 'ablation.md'}")
 
 

@@ -37,7 +37,7 @@ def biased_linear(width: int, bias: list[float]) -> nn.Linear:
 
 def step_head(width: int, ratio: float, concentration: float) -> nn.Linear:
     """Step-Skip head whose fresh Beta has mode ``ratio`` and alpha + beta - 2 = ``concentration``."""
-    inv_softplus = lambda y: math.log(math.expm1(y))  # noqa: E731
+    inv_softplus = lambda y: y + math.log(-math.expm1(-y))  # log(e^y - 1), without overflow at large y  # noqa: E731
     return biased_linear(width, [inv_softplus(concentration * ratio), inv_softplus(concentration * (1 - ratio))])
 
 

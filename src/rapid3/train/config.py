@@ -22,8 +22,8 @@ CONFIG_FILE = "config.yaml"
 REWARD_TERMS = ("q", "d", "f")
 """q: the reward model, d: the discriminator (the paper's two), f: fidelity to full compute (ours)."""
 STEP_COSTS = ("flops", "measured")
-POLICY_FIELDS = ("hidden_dim", "step_skip", "cache_reuse", "sparse_attention", "init_ratio", "init_concentration",
-                 "init_reuse_prob", "init_dense_prob")
+POLICY_FIELDS = ("hidden_dim", "step_skip", "cache_reuse", "sparse_attention", "step_schedule", "init_ratio",
+                 "init_concentration", "init_reuse_prob", "init_dense_prob")
 """TrainConfig fields passed unchanged to ``RapidPolicy`` (same names)."""
 PIPELINE_FIELDS = ("prompt_file", "eval_prompt_file", "device", "dtype", "height", "width", "disc_model")
 """TrainConfig fields that only apply to a real pipeline (``pipeline``)."""
@@ -84,9 +84,9 @@ class TrainConfig:
     step_skip: bool = knob(True, "learn the Step-Skip head (else the uniform grid of step_cap steps)")
     cache_reuse: bool = knob(True, "learn the Cache-Reuse head (else always recompute)")
     sparse_attention: bool = knob(True, "learn the Sparse-Attention head (else always dense)")
-    # 0.75, not RapidPolicy's 0.85: on the embedded schedule (floor t = 5e-4, 28-step cap) 0.85 never
-    # ends a trajectory before the cap, so K would not vary with Step-Skip and give it no signal.
-    init_ratio: float = knob(0.75, "fresh Step-Skip Beta's mode: next t = ratio * t")
+    step_schedule: str = knob("grid", "Step-Skip's ratio a: 'grid' advances 1/a intervals of the step_cap-step "
+                                      "reference grid (a -> 1: no skip); 'geometric' (the paper's) steps to a * t")
+    init_ratio: float = knob(0.85, "fresh Step-Skip Beta's mode (grid: about step_cap * 0.85 steps)")
     init_concentration: float = knob(20.0, "fresh Step-Skip Beta's alpha + beta - 2 (higher: less exploration)")
     init_reuse_prob: float = knob(0.2, "fresh Cache-Reuse probability of reusing when a cache exists")
     init_dense_prob: float = knob(0.7, "fresh Sparse-Attention probability of dense attention")
