@@ -216,7 +216,7 @@ class PeerHarness:
 
     def _call(self, model: torch.nn.Module, latents: torch.Tensor, sigma: torch.Tensor,
               rows: Conditioning) -> torch.Tensor:
-        dtype = self.transformer.dtype
+        dtype = self.backbone.dtype()
         return model(hidden_states=latents.to(dtype), **self.backbone.call_kwargs(sigma, rows, dtype),
                      return_dict=False)[0]
 

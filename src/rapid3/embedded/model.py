@@ -67,9 +67,10 @@ def load_embedded(path: str | Path | None = None, dtype: torch.dtype = torch.flo
             "train one with `python -m rapid3.embedded.train_generator --out DIR` and export it with "
             "`--resume --steps 0 --export PATH`"
         )
-    # safetensors only: a pickled .bin could run code on load
+    # safetensors only: a pickled .bin could run code on load. The model is tiny: load it eagerly, with no
+    # `accelerate` needed and no warning about its absence.
     transformer = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True,
-                                                        use_safetensors=True)
+                                                        use_safetensors=True, low_cpu_mem_usage=False)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, local_files_only=True)
     return transformer.eval().requires_grad_(False), scheduler
 
