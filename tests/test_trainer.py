@@ -304,11 +304,14 @@ def test_reward_terms_are_checked(reward):
         TrainConfig(reward=reward)
 
 
-def test_the_documented_embedded_policy_config_loads():
+def test_the_shipped_default_policy_was_trained_by_the_documented_config():
     from pathlib import Path
 
+    from rapid3.policy.shipped import policy_folder, training_info
+
     cfg = TrainConfig.from_yaml(Path(__file__).parents[1] / "configs" / "embedded-policy.yaml")
-    assert cfg.step_costs == "measured" and cfg.iterations * cfg.prompts_per_iteration * cfg.group_size <= 1000
+    shipped = TrainConfig(**training_info(policy_folder("default"))["train_config"])
+    assert shipped.replace(out=cfg.out) == cfg
 
 
 def test_evaluation_prompts_cover_every_complexity():
