@@ -152,6 +152,8 @@ CASES = [
                                                                                            "four")),
     Case("reward-terms", "reward must join distinct terms of q, d, f", argv=lambda f: train_args(f, "s", "--reward",
                                                                                             "q+clip")),
+    Case("step-schedule", "step_schedule must be one of grid, geometric",
+         argv=lambda f: train_args(f, "g", "--step-schedule", "linear")),
     Case("step-costs-pipeline", "step_costs 'measured' is implemented for the embedded model only",
          argv=lambda f: ["train", "--pipeline", str(f.root), "--prompt-file", str(f.root / "prompts.csv"),
                          "--reward-model", f.reward, "--step-costs", "measured", "--out", fresh(f, "t")]),

@@ -68,6 +68,10 @@ class Controller(Protocol):
         """Actions for the rows of ``obs``."""
 
 
+STEP_SCHEDULES = ("grid", "geometric")
+"""How Step-Skip's ratio sets the next time: ``next_time_on_grid`` or ``next_time_from_ratio``."""
+
+
 def next_time_from_ratio(t: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """Geometric Step-Skip (the paper's): the next time is ``t * ratio``, the ratio strictly inside (0, 1)."""
     return t.double() * _check_ratio(ratio)

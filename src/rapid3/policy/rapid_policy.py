@@ -29,15 +29,13 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from ..accel.actions import Actions, Observation, next_time_from_ratio, next_time_on_grid
+from ..accel.actions import STEP_SCHEDULES, Actions, Observation, next_time_from_ratio, next_time_on_grid
 from ..accel.sparse_attention import NUM_SPARSE_LEVELS
 from ..backbones.diffusers_dit import DiffusersDiT
 from ..baselines.steps import UniformSteps
 from . import heads
 from .features import STATE_FEATURES, state_features, token_features
 from .heads import ActionDistribution, Decision
-
-STEP_SCHEDULES = ("grid", "geometric")
 
 
 class RapidPolicy(ModelMixin, ConfigMixin):
