@@ -137,6 +137,18 @@ def test_matched_speedup_comparison_interpolates_each_sweep_at_rapid3s_speedup()
     assert any("checker acc. below teacache by 0.020 at 3.00×" in line for line in text)
     assert any(line.startswith("Not compared") and "fora (1.50–1.50×)" in line for line in text)
     assert not any(line.startswith("| ") and "fora" in line for line in text)
+    assert not any("Faster and at least as good" in line for line in text)
+
+
+def test_claim_names_entries_that_are_faster_and_better_than_rapid3():
+    """A one-setting method outside every matched speedup is still caught when it dominates RAPID3."""
+    results = {"entries": [_entry("rapid3", 3.0, 0.8, 30.0), _entry("rapid3", 2.0, 0.9, 34.0),
+                           _entry("tpdm", 4.5, 0.8, 31.0), _entry("uniform", 2.5, 0.95, 33.0)]}
+    pairs = [(ours["metrics"]["speedup_latency"], other["method"]) for ours, other in
+             report.dominating_entries(results)]
+    assert pairs == [(3.0, "tpdm")]  # uniform is faster than the 2x entry but lower on PSNR
+    assert any(line.startswith("**Faster and at least as good on every metric**: tpdm") and "(4.50×)" in line
+               and "(3.00×)" in line for line in report._claim(results))
 
 
 def test_sweeps_from_the_command_line_are_typed_and_checked():

@@ -147,6 +147,16 @@ def matched_speedup_comparison(results: dict) -> list[dict]:
     return comparisons
 
 
+def dominating_entries(results: dict) -> list[tuple[dict, dict]]:
+    """(learned entry, other entry) pairs where the other is faster in latency and at or above it on every claim
+    metric: what interpolation along sweeps misses when a method's sweep does not reach the learned speedup."""
+    rows = [r for r in results["entries"] if r["status"] == "ok" and r["method"] not in ("full", "peer_full")]
+    learned = [r for r in rows if r["method"] in LEARNED]
+    return [(ours, other) for ours in learned for other in rows if other["method"] not in LEARNED
+            and other["metrics"]["speedup_latency"] > ours["metrics"]["speedup_latency"]
+            and all(other["metrics"][metric] >= ours["metrics"][metric] for metric, _, _ in CLAIM_METRICS)]
+
+
 def _claim(results: dict) -> list[str]:
     """The project's claim, checked: is RAPID3 above every other curve at its own wall-clock speedup?"""
     comparisons = matched_speedup_comparison(results)
@@ -179,7 +189,11 @@ def _claim(results: dict) -> list[str]:
                else "RAPID3 is at or above every method whose sweep reaches its speedup.")
     unmatched = ["", "Not compared (their sweeps do not reach that speedup): " + "; ".join(unreached) + "."] \
         if unreached else []
-    return lines + unmatched + ["", verdict, ""]
+    dominated = [f"{entry_label(other)} ({other['metrics']['speedup_latency']:.2f}×) over {entry_label(ours)} "
+                 f"({ours['metrics']['speedup_latency']:.2f}×)" for ours, other in dominating_entries(results)]
+    dominance = ["", "**Faster and at least as good on every metric**: " + "; ".join(dominated) + "."] \
+        if dominated else []
+    return lines + unmatched + ["", verdict] + dominance + [""]
 
 
 def render(results: dict, figures: dict[str, str]) -> str:
