@@ -72,6 +72,12 @@ STEP_SCHEDULES = ("grid", "geometric")
 """How Step-Skip's ratio sets the next time: ``next_time_on_grid`` or ``next_time_from_ratio``."""
 
 
+def check_step_schedule(name: str) -> None:
+    """ValueError unless ``name`` is one of ``STEP_SCHEDULES``."""
+    if name not in STEP_SCHEDULES:
+        raise ValueError(f"step_schedule must be one of {', '.join(STEP_SCHEDULES)}; got {name!r}.")
+
+
 def next_time_from_ratio(t: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     """Geometric Step-Skip (the paper's): the next time is ``t * ratio``, the ratio strictly inside (0, 1)."""
     return t.double() * _check_ratio(ratio)
@@ -86,10 +92,9 @@ def next_time_on_grid(t: torch.Tensor, ratio: torch.Tensor, grid: torch.Tensor) 
     """
     grid = grid.double().to(t.device)
     intervals = len(grid) - 1
-    position = _interpolate(t.double(), grid.flip(0), torch.arange(intervals, -1, -1, dtype=torch.float64))
-    target = position + 1 / _check_ratio(ratio).to(t.device)
-    steps = torch.arange(intervals + 1, dtype=torch.float64)
-    return torch.where(target < intervals, _interpolate(target, steps, grid), torch.zeros_like(target))
+    positions = torch.arange(intervals + 1, dtype=torch.float64, device=t.device)
+    target = _interpolate(t.double(), grid.flip(0), positions.flip(0)) + 1 / _check_ratio(ratio).to(t.device)
+    return torch.where(target < intervals, _interpolate(target, positions, grid), torch.zeros_like(target))
 
 
 def _check_ratio(ratio: torch.Tensor) -> torch.Tensor:

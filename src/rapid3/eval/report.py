@@ -130,9 +130,8 @@ def matched_speedup_comparison(results: dict) -> list[dict]:
     """Per learned entry and other method: each claim metric of the method at the entry's latency speedup,
     beside the entry's own (``None`` where the method's sweep does not reach that speedup)."""
     groups: dict[str, list[dict]] = {}
-    for row in results["entries"]:
-        if row["status"] == "ok" and row["method"] not in ("full", "peer_full"):
-            groups.setdefault(row["method"], []).append(row)
+    for row in _accelerated_entries(results):
+        groups.setdefault(row["method"], []).append(row)
     comparisons = []
     for learned in (r for name in LEARNED for r in groups.get(name, [])):
         speedup = learned["metrics"]["speedup_latency"]
@@ -150,11 +149,16 @@ def matched_speedup_comparison(results: dict) -> list[dict]:
 def dominating_entries(results: dict) -> list[tuple[dict, dict]]:
     """(learned entry, other entry) pairs where the other is faster in latency and at or above it on every claim
     metric: what interpolation along sweeps misses when a method's sweep does not reach the learned speedup."""
-    rows = [r for r in results["entries"] if r["status"] == "ok" and r["method"] not in ("full", "peer_full")]
+    rows = _accelerated_entries(results)
     learned = [r for r in rows if r["method"] in LEARNED]
     return [(ours, other) for ours in learned for other in rows if other["method"] not in LEARNED
             and other["metrics"]["speedup_latency"] > ours["metrics"]["speedup_latency"]
             and all(other["metrics"][metric] >= ours["metrics"][metric] for metric, _, _ in CLAIM_METRICS)]
+
+
+def _accelerated_entries(results: dict) -> list[dict]:
+    """The entries that ran, full compute left out."""
+    return [r for r in results["entries"] if r["status"] == "ok" and r["method"] not in ("full", "peer_full")]
 
 
 def _claim(results: dict) -> list[str]:

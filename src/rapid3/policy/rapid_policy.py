@@ -29,7 +29,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from ..accel.actions import STEP_SCHEDULES, Actions, Observation, next_time_from_ratio, next_time_on_grid
+from ..accel.actions import Actions, Observation, check_step_schedule, next_time_from_ratio, next_time_on_grid
 from ..accel.sparse_attention import NUM_SPARSE_LEVELS
 from ..backbones.diffusers_dit import DiffusersDiT
 from ..baselines.steps import UniformSteps
@@ -182,5 +182,4 @@ def _check_config(*, step_skip: bool, cache_reuse: bool, sparse_attention: bool,
             raise ValueError(f"{name} must lie strictly inside (0, 1), got {value}.")
     if init_concentration <= 0:
         raise ValueError(f"init_concentration must be positive, got {init_concentration}.")
-    if step_schedule not in STEP_SCHEDULES:
-        raise ValueError(f"step_schedule must be one of {', '.join(STEP_SCHEDULES)}; got {step_schedule!r}.")
+    check_step_schedule(step_schedule)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ..accel.actions import STEP_SCHEDULES
+from ..accel.actions import check_step_schedule
 
 CONFIG_FILE = "config.yaml"
 """The run folder's copy of its config, which ``--resume`` starts from."""
@@ -136,8 +136,7 @@ class TrainConfig:
         if not set(terms) <= set(REWARD_TERMS) or len(set(terms)) != len(terms):
             raise ValueError(f"reward must join distinct terms of {', '.join(REWARD_TERMS)} with '+' (e.g. 'q+d', "
                              f"'q+d+f', 'd'); got {self.reward!r}.")
-        if self.step_schedule not in STEP_SCHEDULES:
-            raise ValueError(f"step_schedule must be one of {', '.join(STEP_SCHEDULES)}; got {self.step_schedule!r}.")
+        check_step_schedule(self.step_schedule)
         if self.step_costs not in STEP_COSTS:
             raise ValueError(f"step_costs must be one of {', '.join(STEP_COSTS)}; got {self.step_costs!r}.")
         if self.disc_warmup < 0:
