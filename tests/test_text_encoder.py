@@ -1,11 +1,19 @@
 """The frozen MiniLM text encoder loads offline and gives SD3-shaped conditioning."""
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 
-from rapid3.embedded.text_encoder import HIDDEN_DIM, MAX_TOKENS, MiniLMTextEncoder
+from rapid3.embedded.pipeline import check_prompt
+from rapid3.embedded.text_encoder import (
+    HIDDEN_DIM,
+    MAX_TOKENS,
+    MiniLMTextEncoder,
+    PrecomputedTextEncoder,
+    save_encodings,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +56,22 @@ def test_paraphrase_closer_than_different_scene(encoder: MiniLMTextEncoder) -> N
     _, pooled = encoder.encode(["a red circle", "a circle that is red", "a blue square"])
     cos = torch.nn.functional.cosine_similarity
     assert cos(pooled[0], pooled[1], dim=0) > cos(pooled[0], pooled[2], dim=0) + 0.2
+
+
+def test_precomputed_encodings_match_minilm(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
+    prompts = ["a red circle", "two blue squares and a green triangle", "", "a red circle"]
+    save_encodings(encoder, prompts, tmp_path / "enc.safetensors")
+    precomputed = PrecomputedTextEncoder(tmp_path / "enc.safetensors")
+    for got, want in zip(precomputed.encode(prompts), encoder.encode(prompts)):
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # stored in fp16
+    assert [precomputed.count_tokens(p) for p in prompts] == [encoder.count_tokens(p) for p in prompts]
+
+
+def test_precomputed_refuses_other_prompts(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
+    save_encodings(encoder, ["a red circle"], tmp_path / "enc.safetensors")
+    precomputed = PrecomputedTextEncoder(tmp_path / "enc.safetensors")
+    with pytest.raises(ValueError, match="'a blue square'.*save_encodings"):
+        precomputed.encode(["a red circle", "a blue square"])
+    with pytest.raises(ValueError, match="not among the 1 precomputed"):
+        check_prompt(precomputed, "a blue square")

@@ -10,7 +10,14 @@ import torch
 from rapid3.embedded.model import load_embedded
 from rapid3.embedded.scenes import IMAGE_SIZE
 from rapid3.embedded.text_encoder import MiniLMTextEncoder
-from rapid3.embedded.train_generator import CHECKPOINT, TrainConfig, parse_args, train
+from rapid3.embedded.train_generator import (
+    CHECKPOINT,
+    TrainConfig,
+    batches,
+    parse_args,
+    train,
+    training_captions,
+)
 
 TINY = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8, caption_projection_dim=16)
 
@@ -53,6 +60,34 @@ def test_train_resume_export_load(tmp_path: Path, encoder: MiniLMTextEncoder) ->
     v = transformer(x, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=torch.tensor([500.0]),
                     return_dict=False)[0]
     assert v.shape == x.shape and torch.isfinite(v).all()
+
+
+def test_batches_do_not_depend_on_workers() -> None:
+    inline, pooled = batches(3, 4, start=5, workers=0), batches(3, 4, start=5, workers=2)
+    try:
+        for _ in range(3):
+            (a, caps_a), (b, caps_b) = next(inline), next(pooled)
+            assert torch.equal(a, b) and caps_a == caps_b
+        # a run resumed at step 6 sees the batch step 6 saw
+        assert next(batches(3, 4, start=6, workers=0))[1] != next(batches(3, 4, start=5, workers=0))[1]
+    finally:
+        inline.close()
+        pooled.close()
+
+
+def test_precomputed_text_encodings(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
+    path = tmp_path / "enc.safetensors"
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--out", str(tmp_path), "--save-text-encodings", str(path)])
+    assert done.value.code == 0
+    cfg = replace(_config(tmp_path / "run", 1), text_encodings=path)
+    assert train(cfg)["step"] == 1  # MiniLM not needed: the run reads every caption it uses from the file
+    assert len(set(training_captions())) > 3000
+
+
+def test_minutes_limit_stops_and_checkpoints(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
+    run = train(replace(_config(tmp_path, 1000), minutes=0.002), encoder)
+    assert 0 < run["step"] < 1000 and (tmp_path / CHECKPOINT).is_file()
 
 
 def test_resume_without_checkpoint_fails(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:

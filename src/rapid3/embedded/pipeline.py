@@ -16,7 +16,7 @@ from ..backbones import Conditioning, SD3Backbone
 from ..baselines.steps import FullCompute
 from .model import GUIDANCE_SCALE, SAMPLING_STEPS, load_embedded
 from .scenes import IMAGE_SIZE
-from .text_encoder import MAX_TOKENS, UNCONDITIONAL_PROMPT, MiniLMTextEncoder
+from .text_encoder import MAX_TOKENS, UNCONDITIONAL_PROMPT, MiniLMTextEncoder, TextEncoder
 
 
 @dataclass
@@ -35,7 +35,7 @@ class EmbeddedPipeline:
     ``controller`` (a baseline or a ``RapidPolicy``) to accelerate it.
     """
 
-    def __init__(self, backbone: SD3Backbone, encoder: MiniLMTextEncoder) -> None:
+    def __init__(self, backbone: SD3Backbone, encoder: TextEncoder) -> None:
         self.backbone, self.encoder = backbone, encoder
 
     @classmethod
@@ -97,10 +97,10 @@ def check_prompt_text(prompt: str) -> None:
         raise ValueError("The prompt is empty: describe the image, e.g. \"a red circle above a blue square\".")
 
 
-def check_prompt(encoder: MiniLMTextEncoder, prompt: str) -> None:
+def check_prompt(encoder: TextEncoder, prompt: str) -> None:
     """Reject prompts the model cannot read: not text, empty, or longer than its token window."""
     check_prompt_text(prompt)
-    n_tokens = len(encoder.tokenizer(prompt)["input_ids"])
+    n_tokens = encoder.count_tokens(prompt)
     if n_tokens > MAX_TOKENS:
         raise ValueError(f"The prompt is {n_tokens} tokens long; the embedded model reads at most {MAX_TOKENS} "
                          f"(e.g. \"a red circle, a blue square and a green triangle\"). Shorten it.")

