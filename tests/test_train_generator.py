@@ -90,6 +90,18 @@ def test_minutes_limit_stops_and_checkpoints(tmp_path: Path, encoder: MiniLMText
     assert 0 < run["step"] < 1000 and (tmp_path / CHECKPOINT).is_file()
 
 
+def test_init_from_export(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
+    train(_config(tmp_path / "first", 2, export=tmp_path / "export"), encoder)
+    exported, _ = load_embedded(tmp_path / "export")
+    cfg = replace(_config(tmp_path / "second", 2, lr=0.0), init_from=tmp_path / "export")
+    run = train(cfg, encoder)
+    assert run["step"] == 2  # the export's step: nothing left to do
+    run = train(replace(cfg, out=tmp_path / "third", steps=3), encoder)
+    assert run["step"] == 3
+    for name, p in run["model"].state_dict().items():  # lr 0: one step leaves the exported weights
+        assert torch.equal(p, exported.state_dict()[name])
+
+
 def test_resume_without_checkpoint_fails(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
     with pytest.raises(FileNotFoundError):
         train(replace(_config(tmp_path, 1), resume=True), encoder)

@@ -72,6 +72,7 @@ class TrainConfig:
     workers: int = 0  # processes rendering batches ahead of the loop (0: in the loop; a GPU needs ~14)
     minutes: float | None = None  # stop (checkpoint, export) after this much wall time: fits a run into a lease
     text_encodings: Path | None = None  # precomputed MiniLM encodings instead of MiniLM itself
+    init_from: Path | None = None  # an --export folder to start from (weights only: 7 MB where a checkpoint is 57)
     seed: int = 0
     checkpoint_minutes: float = 5.0
     sample_every: int = 250
@@ -242,13 +243,16 @@ def export(ema: torch.nn.Module, path: Path, step: int, cfg: TrainConfig) -> Non
 
 
 def build(cfg: TrainConfig) -> dict[str, Any]:
-    """Model, EMA, optimizer and RNGs: fresh, or restored from cfg.out/checkpoint.pt with --resume."""
+    """Model, EMA, optimizer and RNGs: fresh, restored from cfg.out/checkpoint.pt with --resume, or
+    started from an exported model's weights with --init-from (fresh optimizer, its step count)."""
     from diffusers import SD3Transformer2DModel
 
     ckpt_path = cfg.out / CHECKPOINT
     ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu") if cfg.resume and ckpt_path.exists() else None
     if cfg.resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if ckpt is None and cfg.init_from is not None:
+        ckpt = _checkpoint_from_export(cfg.init_from)
     transformer_config = ckpt["transformer_config"] if ckpt else embedded_transformer_config(**cfg.model)
     torch.manual_seed(cfg.seed)
     model = SD3Transformer2DModel(**transformer_config).to(cfg.device).train()
@@ -258,12 +262,24 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["torch_rng"])
         if ckpt.get("cuda_rng") is not None and torch.device(cfg.device).type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
         step = ckpt["step"]
     return dict(model=model, ema=ema, optimizer=optimizer, step=step, transformer_config=transformer_config)
+
+
+def _checkpoint_from_export(path: Path) -> dict[str, Any]:
+    """The parts of a checkpoint an export holds: its (fp16) EMA weights as both model and EMA, and its step."""
+    from rapid3.embedded.model import load_embedded
+
+    transformer, _ = load_embedded(path)
+    weights = transformer.state_dict()
+    config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    step = json.loads((path / "rapid3_embedded.json").read_text())["step"]
+    return dict(model=weights, ema=weights, step=step, transformer_config=config)
 
 
 def checkpoint_state(run: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
@@ -357,6 +373,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--minutes", type=float, help="stop, checkpoint and export after this many minutes")
     p.add_argument("--text-encodings", type=Path, help="precomputed caption encodings (--save-text-encodings) "
                    "to use instead of MiniLM")
+    p.add_argument("--init-from", type=Path, help="start from an --export folder's weights and step, with a fresh "
+                   "optimizer (what fits a GPU lease's 64 MiB where a checkpoint does not)")
     p.add_argument("--save-text-encodings", type=Path,
                    help="write MiniLM's encodings of every caption a run uses to this file and exit")
     args = vars(p.parse_args(argv))
