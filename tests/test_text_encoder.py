@@ -75,3 +75,8 @@ def test_precomputed_refuses_other_prompts(tmp_path: Path, encoder: MiniLMTextEn
         precomputed.encode(["a red circle", "a blue square"])
     with pytest.raises(ValueError, match="not among the 1 precomputed"):
         check_prompt(precomputed, "a blue square")
+
+
+def test_precomputed_missing_file_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="--save-text-encodings"):
+        PrecomputedTextEncoder(tmp_path / "missing.safetensors")

@@ -62,6 +62,12 @@ def test_train_resume_export_load(tmp_path: Path, encoder: MiniLMTextEncoder) ->
     assert v.shape == x.shape and torch.isfinite(v).all()
 
 
+def test_negative_workers_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--out", "x", "--workers", "-1"])
+    assert "--workers -1" in capsys.readouterr().err
+
+
 def test_batches_do_not_depend_on_workers() -> None:
     inline, pooled = batches(3, 4, start=5, workers=0), batches(3, 4, start=5, workers=2)
     try:

@@ -108,6 +108,10 @@ class PrecomputedTextEncoder(TextEncoder):
     def __init__(self, path: str | Path) -> None:
         from safetensors import safe_open
 
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no precomputed text encodings at {path}: write them where MiniLM is installed, "
+                                    f"with `python -m rapid3.embedded.train_generator --out DIR "
+                                    f"--save-text-encodings {path}`")
         with safe_open(str(path), framework="pt") as f:
             meta, states, lengths = f.metadata(), f.get_tensor("states"), f.get_tensor("lengths").tolist()
         self.max_tokens = int(meta["max_tokens"])

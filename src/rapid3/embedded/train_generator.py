@@ -378,6 +378,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--save-text-encodings", type=Path,
                    help="write MiniLM's encodings of every caption a run uses to this file and exit")
     args = vars(p.parse_args(argv))
+    if args["workers"] < 0:
+        p.error(f"--workers {args['workers']}: give 0 (render in the loop) or a number of processes")
     save_to = args.pop("save_text_encodings")
     if save_to is not None:
         save_encodings(MiniLMTextEncoder(), training_captions(), save_to)
