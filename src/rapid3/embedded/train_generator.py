@@ -114,7 +114,8 @@ def batches(seed: int, batch: int, start: int, workers: int) -> Iterator[tuple[T
             yield to_model_space(images), captions
         return
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_interrupts) as pool:
-        pending = deque(pool.apply_async(render_batch, (seed, step, batch)) for step in range(start, start + 2 * workers))
+        ahead = range(start, start + 2 * workers)
+        pending = deque(pool.apply_async(render_batch, (seed, step, batch)) for step in ahead)
         for step in itertools.count(start + 2 * workers):
             images, captions = pending.popleft().get()
             pending.append(pool.apply_async(render_batch, (seed, step, batch)))
@@ -208,6 +209,7 @@ def grid_scenes() -> list[tuple[str, scenes.SceneSpec]]:
 def sample_grid(model: torch.nn.Module, encoder: TextEncoder, cfg: TrainConfig, step: int,
                 rows: int = 2) -> Image.Image:
     """Columns of captions: a reference render, then ``rows`` EMA samples, then the caption."""
+    model = copy.deepcopy(model).cpu()  # sample on the CPU whatever the training device
     picked = grid_scenes()
     captions = [spec.caption for _, spec in picked]
     reference = [scenes.render(scenes.place(spec, np.random.default_rng(i))) for i, (_, spec) in enumerate(picked)]
@@ -262,7 +264,7 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        if "optimizer" in ckpt:
+        if "optimizer" in ckpt:  # an --init-from export has weights only
             optimizer.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["torch_rng"])
         if ckpt.get("cuda_rng") is not None and torch.device(cfg.device).type == "cuda":
@@ -334,7 +336,7 @@ def train(cfg: TrainConfig, encoder: TextEncoder | None = None) -> dict[str, Any
                 log.flush()
                 losses, last_log = [], now
             if step % cfg.sample_every == 0:
-                sample_grid(copy.deepcopy(run["ema"]).cpu(), encoder, cfg, step).save(cfg.out / "grids" / f"step_{step:07d}.png")
+                sample_grid(run["ema"], encoder, cfg, step).save(cfg.out / "grids" / f"step_{step:07d}.png")
             if time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
                 save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg))
                 last_ckpt = time.time()
@@ -382,8 +384,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         p.error(f"--workers {args['workers']}: give 0 (render in the loop) or a number of processes")
     save_to = args.pop("save_text_encodings")
     if save_to is not None:
-        save_encodings(MiniLMTextEncoder(), training_captions(), save_to)
-        print(f"wrote the encodings of {len(set(training_captions()))} captions to {save_to}", flush=True)
+        captions = training_captions()
+        save_encodings(MiniLMTextEncoder(), captions, save_to)
+        print(f"wrote the encodings of {len(set(captions))} captions to {save_to}", flush=True)
         sys.exit(0)
     return TrainConfig(**args)
 
