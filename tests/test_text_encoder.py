@@ -12,6 +12,7 @@ from rapid3.embedded.text_encoder import (
     MAX_TOKENS,
     MiniLMTextEncoder,
     PrecomputedTextEncoder,
+    add_token_positions,
     save_encodings,
 )
 
@@ -56,6 +57,19 @@ def test_paraphrase_closer_than_different_scene(encoder: MiniLMTextEncoder) -> N
     _, pooled = encoder.encode(["a red circle", "a circle that is red", "a blue square"])
     cos = torch.nn.functional.cosine_similarity
     assert cos(pooled[0], pooled[1], dim=0) > cos(pooled[0], pooled[2], dim=0) + 0.2
+
+
+def test_token_positions_tell_subject_from_object(encoder: MiniLMTextEncoder) -> None:
+    # "red" is token 2 of the first caption and token 7 of the second
+    tokens, _ = encoder.encode(["a red circle left of a blue square", "a blue square left of a red circle"])
+    positioned = add_token_positions(tokens)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(tokens[0, 2], tokens[1, 7], dim=0) > 0.9  # MiniLM alone: nearly the same state
+    assert cos(positioned[0, 2], positioned[1, 7], dim=0) < 0.85
+    real = tokens.ne(0).any(-1)
+    assert positioned[~real].eq(0).all() and not torch.equal(positioned[real], tokens[real])  # padding stays zero
+    rms = (positioned - tokens)[real].pow(2).mean().sqrt()
+    assert 0.1 < rms < 0.3  # a signal beside the token states, not over them (their RMS is ~0.42)
 
 
 def test_precomputed_encodings_match_minilm(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rapid3.embedded.model import load_embedded
+from rapid3.embedded.model import embedded_info, load_embedded
+from rapid3.embedded.pipeline import EmbeddedPipeline
 from rapid3.embedded.scenes import IMAGE_SIZE
-from rapid3.embedded.text_encoder import MiniLMTextEncoder
+from rapid3.embedded.text_encoder import MiniLMTextEncoder, add_token_positions
 from rapid3.embedded.train_generator import (
     CHECKPOINT,
     TrainConfig,
@@ -34,6 +35,7 @@ def _config(out: Path, steps: int, **kw) -> TrainConfig:
 def test_cli_defaults() -> None:
     cfg = parse_args(["--out", "x", "--resume", "--steps", "7", "--export", "y"])
     assert (cfg.out, cfg.resume, cfg.steps, cfg.export, cfg.batch, cfg.ema) == (Path("x"), True, 7, Path("y"), 64, 0.999)
+    assert cfg.token_positions and not parse_args(["--out", "x", "--no-token-positions"]).token_positions
 
 
 def test_train_resume_export_load(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
@@ -51,6 +53,10 @@ def test_train_resume_export_load(tmp_path: Path, encoder: MiniLMTextEncoder) ->
     for a, b in zip(resumed["model"].parameters(), straight["model"].parameters()):
         assert torch.equal(a, b)
 
+    assert embedded_info(tmp_path / "export")["token_positions"] is True
+    pipe = EmbeddedPipeline.from_pretrained(tmp_path / "export", encoder=encoder)
+    cond, _ = pipe.encode(["a red circle"])  # the sampler conditions as training did
+    assert torch.equal(cond.per_sample["encoder_hidden_states"], add_token_positions(encoder.encode(["a red circle"])[0]))
     transformer, scheduler = load_embedded(tmp_path / "export")
     assert transformer.dtype == torch.float32 and scheduler.config.shift == 1.0
     for name, p in resumed["ema"].state_dict().items():

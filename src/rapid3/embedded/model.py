@@ -8,6 +8,7 @@ from more steps than from width, so the smallest of these, without q/k norm, is 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +75,9 @@ def load_embedded(path: str | Path | None = None, dtype: torch.dtype = torch.flo
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, local_files_only=True)
     return transformer.eval().requires_grad_(False), scheduler
 
+
+
+def embedded_info(path: str | Path | None = None) -> dict[str, Any]:
+    """The training facts an export records beside its weights (``rapid3_embedded.json``; empty if absent)."""
+    info_file = (Path(path) if path is not None else WEIGHTS_DIR) / "rapid3_embedded.json"
+    return json.loads(info_file.read_text()) if info_file.is_file() else {}

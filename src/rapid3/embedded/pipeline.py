@@ -14,9 +14,9 @@ from ..accel.costs import MeasuredStepCosts, SampleStats
 from ..accel.sampler import SampleResult, Sampler
 from ..backbones import Conditioning, SD3Backbone
 from ..baselines.steps import FullCompute
-from .model import GUIDANCE_SCALE, SAMPLING_STEPS, load_embedded
+from .model import GUIDANCE_SCALE, SAMPLING_STEPS, embedded_info, load_embedded
 from .scenes import IMAGE_SIZE
-from .text_encoder import MAX_TOKENS, UNCONDITIONAL_PROMPT, MiniLMTextEncoder, TextEncoder
+from .text_encoder import MAX_TOKENS, UNCONDITIONAL_PROMPT, MiniLMTextEncoder, TextEncoder, add_token_positions
 
 
 @dataclass
@@ -35,20 +35,24 @@ class EmbeddedPipeline:
     ``controller`` (a baseline or a ``RapidPolicy``) to accelerate it.
     """
 
-    def __init__(self, backbone: SD3Backbone, encoder: TextEncoder) -> None:
-        self.backbone, self.encoder = backbone, encoder
+    def __init__(self, backbone: SD3Backbone, encoder: TextEncoder, token_positions: bool = False) -> None:
+        self.backbone, self.encoder, self.token_positions = backbone, encoder, token_positions
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None) -> EmbeddedPipeline:
-        """Load the shipped model (or one exported to ``path``) and the MiniLM text encoder, offline."""
+    def from_pretrained(cls, path: str | Path | None = None, encoder: TextEncoder | None = None) -> EmbeddedPipeline:
+        """Load the shipped model (or one exported to ``path``) and the MiniLM text encoder (or ``encoder``,
+        to share one already loaded), offline."""
         transformer, scheduler = load_embedded(path)
-        return cls(SD3Backbone(transformer, scheduler), MiniLMTextEncoder())
+        token_positions = embedded_info(path).get("token_positions", False)
+        return cls(SD3Backbone(transformer, scheduler), encoder or MiniLMTextEncoder(), token_positions)
 
     def encode(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
         """(prompt, unconditional) conditioning; raises ValueError for empty or over-long prompts."""
         for prompt in prompts:
             check_prompt(self.encoder, prompt)
         tokens, pooled = self.encoder.encode(list(prompts) + [UNCONDITIONAL_PROMPT])
+        if self.token_positions:
+            tokens = add_token_positions(tokens)
         cond = Conditioning({"encoder_hidden_states": tokens[:-1], "pooled_projections": pooled[:-1]})
         n = len(prompts)
         uncond = Conditioning({"encoder_hidden_states": tokens[-1:].expand(n, -1, -1),

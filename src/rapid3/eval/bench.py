@@ -41,7 +41,7 @@ from ..baselines.steps import FixedIntervalCache, FullCompute, StaticSparse, Uni
 from ..baselines.teacache import TeaCache, calibrate
 from ..embedded import scenes
 from ..embedded.checker import check
-from ..embedded.model import GUIDANCE_SCALE, SAMPLING_STEPS, WEIGHTS_DIR, load_embedded
+from ..embedded.model import GUIDANCE_SCALE, SAMPLING_STEPS, WEIGHTS_DIR, embedded_info, load_embedded
 from ..embedded.pipeline import EmbeddedPipeline, initial_noise, to_uint8
 from . import metrics, plots, report
 from .evaluator import image_features, load_evaluator
@@ -462,10 +462,7 @@ def _explain(entry: Entry, bench: Bench) -> str | None:
 
 
 def _model_info(path: Path | None) -> dict:
-    folder = Path(path) if path is not None else WEIGHTS_DIR
-    info_file = folder / "rapid3_embedded.json"
-    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    return {"path": str(folder), **info}
+    return {"path": str(Path(path) if path is not None else WEIGHTS_DIR), **embedded_info(path)}
 
 
 def _jsonable(value: Any) -> Any:
