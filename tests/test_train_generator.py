@@ -54,6 +54,7 @@ def test_train_resume_export_load(tmp_path: Path, encoder: MiniLMTextEncoder) ->
         assert torch.equal(a, b)
 
     assert embedded_info(tmp_path / "export")["token_positions"] is True
+    assert embedded_info(tmp_path / "export")["images_seen"] == 3 * 4
     pipe = EmbeddedPipeline.from_pretrained(tmp_path / "export", encoder=encoder)
     cond, _ = pipe.encode(["a red circle"])  # the sampler conditions as training did
     assert torch.equal(cond.per_sample["encoder_hidden_states"], add_token_positions(encoder.encode(["a red circle"])[0]))
@@ -108,8 +109,8 @@ def test_init_from_export(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
     cfg = replace(_config(tmp_path / "second", 2, lr=0.0), init_from=tmp_path / "export")
     run = train(cfg, encoder)
     assert run["step"] == 2  # the export's step: nothing left to do
-    run = train(replace(cfg, out=tmp_path / "third", steps=3), encoder)
-    assert run["step"] == 3
+    run = train(replace(cfg, out=tmp_path / "third", steps=3, batch=2), encoder)
+    assert run["step"] == 3 and run["images_seen"] == 2 * 4 + 2  # counted across batch sizes
     for name, p in run["model"].state_dict().items():  # lr 0: one step leaves the exported weights
         assert torch.equal(p, exported.state_dict()[name])
 

