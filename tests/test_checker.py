@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rapid3.embedded import scenes
-from rapid3.embedded.checker import check, checker_accuracy, detect_objects, to_uint8_hwc
+from rapid3.embedded.checker import check, checker_accuracy, detect_objects, relation_outcome, to_uint8_hwc
 
 N_SCENES = 500
 N_EDITED = 200  # scenes per failure mode / perturbation: enough for the rates, keeps it fast
@@ -142,6 +142,8 @@ def test_swapped_relation_fails_on_relation_alone(cases: list[Case]) -> None:
     print(f"\nswapped relations failing on the relation alone: {caught:.4f} of {len(results)}")
     assert len(results) >= 20
     assert caught >= 0.99
+    assert np.mean([relation_outcome(r, c.spec) == "reversed" for r, c in zip(results, relational)]) >= 0.99
+    assert all(relation_outcome(check(c.image, c.spec), c.spec) == "holds" for c in relational)
 
 
 def test_relation_needs_the_dominant_axis() -> None:
@@ -155,6 +157,9 @@ def test_relation_needs_the_dominant_axis() -> None:
     assert check(scenes.render((straight_above, below)), spec).passed
     result = check(scenes.render((mostly_right, below)), spec)
     assert result.objects_ok and result.counts_ok and result.relation_ok is False
+    assert relation_outcome(result, spec) == "other"
+    assert relation_outcome(check(scenes.render((below,)), spec), spec) == "missing"
+    assert relation_outcome(result, scenes.parse_caption(f"a {first} triangle")) is None
 
 
 def test_blank_background_fails(cases: list[Case]) -> None:

@@ -19,4 +19,6 @@ def test_evaluation_writes_accuracy_by_complexity_and_grids(tmp_path):
     for r in results.values():
         assert 0.0 <= r["accuracy"] <= 1.0 and set(r["by_complexity"]) <= {1, 2, 3}
         assert "single" in r["by_kind"]
+        assert set(r["relations"]) == {"holds", "reversed", "other", "missing"}
+        assert abs(sum(r["relations"].values()) - 1.0) < 1e-9  # the 5 held-out prompts include a relation
     assert Image.open(tmp_path / "eval" / "grid_3steps.png").width > 32 * 4 * 3

@@ -35,7 +35,7 @@ def test_hard_negatives_change_one_attribute_and_contradict() -> None:
             for neg in variants:
                 assert parse_caption(neg.caption) == neg
                 if attribute == "relation":
-                    assert neg.objects == spec.objects and neg.relation.relation == reward.FLIPPED[spec.relation.relation]
+                    assert neg.objects == spec.objects and neg.relation.relation == scenes.OPPOSITE_RELATION[spec.relation.relation]
                 else:
                     assert reward.contradicts(neg, spec), (spec.caption, neg.caption)
                 if attribute in ("colour", "shape"):  # only that attribute of the changed object(s) differs

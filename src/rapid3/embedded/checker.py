@@ -44,7 +44,7 @@ from itertools import combinations
 
 import numpy as np
 
-from rapid3.embedded.scenes import BACKGROUND, COLORS, IMAGE_SIZE, SIZES, SceneSpec
+from rapid3.embedded.scenes import BACKGROUND, COLORS, IMAGE_SIZE, OPPOSITE_RELATION, SIZES, SceneSpec
 
 _COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 # Shape colours first, background last: a pixel's class is its row index here, -1 for unknown.
@@ -304,17 +304,33 @@ def _inside_triangle(dx: np.ndarray, dy: np.ndarray, vx: float, vy: float) -> np
 _TEMPLATES = {"circle": _inside_circle, "square": _inside_square, "triangle": _inside_triangle}
 
 
+def relation_outcome(result: CheckResult, spec: SceneSpec) -> str | None:
+    """What the objects of a relation caption show: ``"holds"``; ``"reversed"`` (the opposite relation
+    holds: subject and object swapped places, the mistake of a model that reads the axis but not who
+    goes where); ``"other"``; ``"missing"`` (subject or object not found). None without a relation."""
+    if spec.relation is None:
+        return None
+    found = _relations_found(result.detected, spec)
+    if found is None:
+        return "missing"
+    if spec.relation.relation in found:
+        return "holds"
+    return "reversed" if OPPOSITE_RELATION[spec.relation.relation] in found else "other"
+
+
 def _relation_holds(detected: Sequence[DetectedObject], spec: SceneSpec) -> bool:
+    return spec.relation.relation in (_relations_found(detected, spec) or set())
+
+
+def _relations_found(detected: Sequence[DetectedObject], spec: SceneSpec) -> set[str] | None:
+    """Relations that hold between any detected subject and object of ``spec``'s relation (None: one is missing)."""
     relation = spec.relation
     subject, target = spec.objects[relation.subject], spec.objects[relation.object]
     subjects = [d for d in detected if (d.shape, d.color) == (subject.shape, subject.color)]
     targets = [d for d in detected if (d.shape, d.color) == (target.shape, target.color)]
-    return any(
-        relation.relation in _relative_position(s, t)
-        for s in subjects
-        for t in targets
-        if s is not t
-    )
+    if not subjects or not targets:
+        return None
+    return set().union(*(_relative_position(s, t) for s in subjects for t in targets if s is not t))
 
 
 def _relative_position(a: DetectedObject, b: DetectedObject) -> set[str]:

@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..baselines.steps import UniformSteps
-from .checker import checker_accuracy
+from .checker import check, checker_accuracy, relation_outcome
 from .grid import caption_grid
 from .pipeline import EmbeddedPipeline
 from .scenes import SceneSpec, evaluation_prompts
@@ -35,6 +35,14 @@ def generate(pipe: EmbeddedPipeline, specs: list[SceneSpec], steps: int, batch: 
         images.append(pipe(chunk, num_inference_steps=steps, seed=EVAL_SEED + start,
                            controller=UniformSteps(steps)).images)
     return np.concatenate(images)
+
+
+def relation_outcomes(images: np.ndarray, specs: list[SceneSpec]) -> dict[str, float]:
+    """Fractions of the relation prompts whose objects show each ``checker.relation_outcome``
+    (``reversed`` high: the model reads the axis but not which object goes where)."""
+    outcomes = [relation_outcome(check(image, spec), spec) for image, spec in zip(images, specs)
+                if spec.relation is not None]
+    return {k: outcomes.count(k) / max(len(outcomes), 1) for k in ("holds", "reversed", "other", "missing")}
 
 
 def grid_columns(specs: list[SceneSpec]) -> list[int]:
@@ -70,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
                    for kind in dict.fromkeys(s.kind for s in specs)}
         results[steps] = {"accuracy": accuracy["accuracy"], "mean_score": accuracy["mean_score"],
                           "by_complexity": {c: v["accuracy"] for c, v in accuracy["by_complexity"].items()},
-                          "by_kind": by_kind, "n": len(specs), "seconds": time.perf_counter() - tic}
+                          "by_kind": by_kind, "relations": relation_outcomes(images, specs),
+                          "n": len(specs), "seconds": time.perf_counter() - tic}
         title = f"{steps}-step sampler, CFG; checker accuracy {accuracy['accuracy']:.2f} on {len(specs)} prompts"
         caption_grid([[images[i] for i in columns]], [f"[{specs[i].kind}] {specs[i].caption}" for i in columns],
                      title).save(args.out / f"grid_{steps}steps.png")
@@ -81,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         by_c = " | ".join(f"{r['by_complexity'].get(c, float('nan')):.3f}" for c in (1, 2, 3))
         kinds = ", ".join(f"{k} {v:.2f}" for k, v in r["by_kind"].items())
         print(f"| {steps} | {r['accuracy']:.3f} | {by_c} | {kinds} |")
+    for steps, r in results.items():
+        print(f"{steps} steps, relation prompts: " + ", ".join(f"{k} {v:.2f}" for k, v in r["relations"].items()))
     print(f"wrote {args.out / 'evaluation.json'} and grids")
     return results
 

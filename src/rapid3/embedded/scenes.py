@@ -46,6 +46,7 @@ BACKGROUND: tuple[int, int, int] = (240, 240, 240)
 # side by side with a gap inside 32 pixels, which every relation needs.
 SIZES: dict[str, float] = {"small": 4.5, "large": 7.0}
 RELATIONS = ("left of", "right of", "above", "below")
+OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 IMAGE_SIZE = 32
 COUNT_WORDS = {2: "two", 3: "three"}
 
