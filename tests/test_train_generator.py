@@ -9,15 +9,17 @@ import torch
 
 from rapid3.embedded.model import embedded_info, load_embedded
 from rapid3.embedded.pipeline import EmbeddedPipeline
-from rapid3.embedded.scenes import IMAGE_SIZE
+from rapid3.embedded.scenes import IMAGE_SIZE, parse_caption
 from rapid3.embedded.text_encoder import MiniLMTextEncoder, add_token_positions
 from rapid3.embedded.train_generator import (
     CHECKPOINT,
     TrainConfig,
     batches,
     parse_args,
+    render_batch,
     train,
     training_captions,
+    training_times,
 )
 
 TINY = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8, caption_projection_dim=16)
@@ -36,6 +38,19 @@ def test_cli_defaults() -> None:
     cfg = parse_args(["--out", "x", "--resume", "--steps", "7", "--export", "y"])
     assert (cfg.out, cfg.resume, cfg.steps, cfg.export, cfg.batch, cfg.ema) == (Path("x"), True, 7, Path("y"), 64, 0.999)
     assert cfg.token_positions and not parse_args(["--out", "x", "--no-token-positions"]).token_positions
+
+
+def test_kind_weights_and_time_mean(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = parse_args(["--out", "x", "--kind-weight", "relation=1", "--kind-weight", "single=0", "--time-mean", "1"])
+    assert cfg.kind_weights["relation"] == 1.0 and cfg.kind_weights["single"] == 0.0 and cfg.time_mean == 1.0
+    _, captions = render_batch(0, 1, 32, {"relation": 1.0})
+    assert all(parse_caption(c).kind == "relation" for c in captions)
+    torch.manual_seed(0)
+    assert training_times(4000).median() < 0.55 < training_times(4000, time_mean=1.0).median()
+    for bad in ("colour=1", "relation=x", "relation=-1"):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x", "--kind-weight", bad])
+        assert f"--kind-weight {bad}: give KIND=W" in capsys.readouterr().err
 
 
 def test_train_resume_export_load(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:

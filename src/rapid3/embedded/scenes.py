@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -315,11 +316,12 @@ def _by_kind(split: str) -> dict[str, tuple[SceneSpec, ...]]:
     return {kind: tuple(scenes) for kind, scenes in groups.items()}
 
 
-def sample_scene(rng: np.random.Generator, split: str = "train") -> SceneSpec:
-    """A random caption of ``split``: kind by TRAIN_KIND_WEIGHTS, then uniform within the kind."""
+def sample_scene(rng: np.random.Generator, split: str = "train",
+                 kind_weights: Mapping[str, float] = TRAIN_KIND_WEIGHTS) -> SceneSpec:
+    """A random caption of ``split``: kind by ``kind_weights`` (relative), then uniform within the kind."""
     groups = _by_kind(split)
-    kinds = [k for k in KINDS if groups[k]]
-    weights = np.array([TRAIN_KIND_WEIGHTS[k] for k in kinds])
+    kinds = [k for k in KINDS if groups[k] and kind_weights.get(k, 0.0) > 0]
+    weights = np.array([kind_weights[k] for k in kinds])
     kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
     return groups[kind][rng.integers(len(groups[kind]))]
 

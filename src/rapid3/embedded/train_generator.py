@@ -75,6 +75,10 @@ class TrainConfig:
     text_encodings: Path | None = None  # precomputed MiniLM encodings instead of MiniLM itself
     init_from: Path | None = None  # an --export folder to start from (weights only: 7 MB where a checkpoint is 57)
     token_positions: bool = True  # add_token_positions to the caption tokens (without, relations stay at chance)
+    # Training mix of caption kinds (relative weights) and the location of SD3's logit-normal time
+    # sampling: > 0 spends more steps at high noise, where the layout (a relation's direction) is decided.
+    kind_weights: dict[str, float] = field(default_factory=lambda: dict(scenes.TRAIN_KIND_WEIGHTS))
+    time_mean: float = 0.0
     seed: int = 0
     checkpoint_minutes: float = 5.0
     sample_every: int = 250
@@ -99,28 +103,30 @@ class _StopFlag:
 # ----------------------------------------------------------------------------- data
 
 
-def render_batch(seed: int, step: int, batch: int) -> tuple[np.ndarray, list[str]]:
+def render_batch(seed: int, step: int, batch: int,
+                 kind_weights: dict[str, float] = scenes.TRAIN_KIND_WEIGHTS) -> tuple[np.ndarray, list[str]]:
     """The batch of ``step``: random train-split scenes, uint8 (B, 32, 32, 3), and their captions."""
     rng = np.random.default_rng((seed, step))
-    specs = [scenes.sample_scene(rng) for _ in range(batch)]
+    specs = [scenes.sample_scene(rng, "train", kind_weights) for _ in range(batch)]
     images = np.stack([scenes.render(scenes.place(spec, rng)) for spec in specs])
     return images, [spec.caption for spec in specs]
 
 
-def batches(seed: int, batch: int, start: int, workers: int) -> Iterator[tuple[Tensor, list[str]]]:
+def batches(seed: int, batch: int, start: int, workers: int,
+            kind_weights: dict[str, float] = scenes.TRAIN_KIND_WEIGHTS) -> Iterator[tuple[Tensor, list[str]]]:
     """The batches of steps start, start + 1, ...: model-space images and captions, rendered in the
     loop (workers=0) or up to 2 x workers steps ahead in worker processes."""
     if workers == 0:
         for step in itertools.count(start):
-            images, captions = render_batch(seed, step, batch)
+            images, captions = render_batch(seed, step, batch, kind_weights)
             yield to_model_space(images), captions
         return
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_interrupts) as pool:
         ahead = range(start, start + 2 * workers)
-        pending = deque(pool.apply_async(render_batch, (seed, step, batch)) for step in ahead)
+        pending = deque(pool.apply_async(render_batch, (seed, step, batch, kind_weights)) for step in ahead)
         for step in itertools.count(start + 2 * workers):
             images, captions = pending.popleft().get()
-            pending.append(pool.apply_async(render_batch, (seed, step, batch)))
+            pending.append(pool.apply_async(render_batch, (seed, step, batch, kind_weights)))
             yield to_model_space(images), captions
 
 
@@ -143,9 +149,15 @@ def to_model_space(images: np.ndarray) -> Tensor:
 # ----------------------------------------------------------------------------- objective
 
 
-def flow_matching_loss(model: torch.nn.Module, x0: Tensor, tokens: Tensor, pooled: Tensor) -> Tensor:
-    """Rectified-flow MSE with SD3's logit-normal time sampling (m = 0, s = 1)."""
-    t = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))
+def training_times(n: int, time_mean: float = 0.0, device: torch.device | str = "cpu") -> Tensor:
+    """SD3's logit-normal times in (0, 1), location ``time_mean``, scale 1 (1 = pure noise)."""
+    return torch.sigmoid(time_mean + torch.randn(n, device=device))
+
+
+def flow_matching_loss(model: torch.nn.Module, x0: Tensor, tokens: Tensor, pooled: Tensor,
+                       time_mean: float = 0.0) -> Tensor:
+    """Rectified-flow MSE at ``training_times``."""
+    t = training_times(x0.shape[0], time_mean, x0.device)
     eps = torch.randn_like(x0)
     tt = t.view(-1, 1, 1, 1)
     x_t = (1 - tt) * x0 + tt * eps
@@ -308,7 +320,7 @@ def train_step(run: dict[str, Any], encoder: TextEncoder, cfg: TrainConfig, x0: 
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(cfg, run["step"])
     with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        loss = flow_matching_loss(model, x0, tokens, pooled)
+        loss = flow_matching_loss(model, x0, tokens, pooled, cfg.time_mean)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -326,7 +338,7 @@ def train(cfg: TrainConfig, encoder: TextEncoder | None = None) -> dict[str, Any
     encoder = encoder or (PrecomputedTextEncoder(cfg.text_encodings) if cfg.text_encodings else MiniLMTextEncoder())
     run = build(cfg)
     start = run["step"]
-    data = batches(cfg.seed, cfg.batch, start, cfg.workers)
+    data = batches(cfg.seed, cfg.batch, start, cfg.workers, cfg.kind_weights)
     losses: list[float] = []
     started = last_ckpt = last_log = time.time()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
@@ -387,11 +399,16 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    "optimizer (what fits a GPU lease's 64 MiB where a checkpoint does not)")
     p.add_argument("--no-token-positions", dest="token_positions", action="store_false",
                    help="condition on MiniLM's token states alone, as models exported before token positions were")
+    p.add_argument("--kind-weight", action="append", default=[], metavar="KIND=W",
+                   help=f"relative weight of a caption kind in the training mix (default {scenes.TRAIN_KIND_WEIGHTS})")
+    p.add_argument("--time-mean", type=float, default=defaults.time_mean,
+                   help="location of the logit-normal training times; > 0 trains more at high noise (layout)")
     p.add_argument("--save-text-encodings", type=Path,
                    help="write MiniLM's encodings of every caption a run uses to this file and exit")
     args = vars(p.parse_args(argv))
     if args["workers"] < 0:
         p.error(f"--workers {args['workers']}: give 0 (render in the loop) or a number of processes")
+    args["kind_weights"] = _kind_weights(p, args.pop("kind_weight"))
     save_to = args.pop("save_text_encodings")
     if save_to is not None:
         captions = training_captions()
@@ -399,6 +416,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         print(f"wrote the encodings of {len(set(captions))} captions to {save_to}", flush=True)
         sys.exit(0)
     return TrainConfig(**args)
+
+
+def _kind_weights(parser: argparse.ArgumentParser, overrides: list[str]) -> dict[str, float]:
+    weights = dict(scenes.TRAIN_KIND_WEIGHTS)
+    for item in overrides:
+        kind, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if kind not in weights or weight < 0:
+            parser.error(f"--kind-weight {item}: give KIND=W with KIND one of {', '.join(weights)} and W >= 0")
+        weights[kind] = weight
+    if not any(weights.values()):
+        parser.error("--kind-weight: every kind has weight 0; give at least one a positive weight")
+    return weights
 
 
 def main(argv: list[str] | None = None) -> None:
