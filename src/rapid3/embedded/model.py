@@ -76,7 +76,6 @@ def load_embedded(path: str | Path | None = None, dtype: torch.dtype = torch.flo
     return transformer.eval().requires_grad_(False), scheduler
 
 
-
 def embedded_info(path: str | Path | None = None) -> dict[str, Any]:
     """The training facts an export records beside its weights (``rapid3_embedded.json``; empty if absent)."""
     info_file = (Path(path) if path is not None else WEIGHTS_DIR) / "rapid3_embedded.json"

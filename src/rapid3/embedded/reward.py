@@ -216,7 +216,8 @@ def hard_negatives(spec: SceneSpec, split: str | None = None) -> dict[str, tuple
         variants["count"] = [scenes.make_scene((spec.objects[0],) * k) for k in (n - 1, n + 1) if 1 <= k <= 3]
     if spec.relation is not None:
         rel = spec.relation
-        variants["relation"] = [scenes.make_scene(spec.objects, Relation(rel.subject, scenes.OPPOSITE_RELATION[rel.relation], rel.object))]
+        flipped = Relation(rel.subject, scenes.OPPOSITE_RELATION[rel.relation], rel.object)
+        variants["relation"] = [scenes.make_scene(spec.objects, flipped)]
     allowed = _split_scenes(split) if split is not None else None
     kept = {a: tuple(v for v in vs if allowed is None or v in allowed) for a, vs in variants.items()}
     return {a: vs for a, vs in kept.items() if vs}

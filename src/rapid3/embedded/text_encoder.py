@@ -22,7 +22,7 @@ def add_token_positions(tokens: Tensor) -> Tensor:
 
     SD3's joint attention gives text tokens no positions and MiniLM's states carry little of them (the
     "red" of "a red circle left of a blue square" and of "a blue square left of a red circle" have
-    cosine 0.95), so a model conditioned on them alone cannot tell a relation's subject from its object.
+    cosine 0.95), so a model conditioned on them alone has little to tell a relation's subject from its object.
     """
     _, length, dim = tokens.shape
     index = torch.arange(length, dtype=torch.float32)[:, None]

