@@ -19,7 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..baselines.steps import UniformSteps
-from .checker import check, checker_accuracy, relation_outcome
+from .checker import CheckResult, check, checker_accuracy, relation_outcome
 from .grid import caption_grid
 from .pipeline import EmbeddedPipeline
 from .scenes import SceneSpec, evaluation_prompts
@@ -37,11 +37,10 @@ def generate(pipe: EmbeddedPipeline, specs: list[SceneSpec], steps: int, batch: 
     return np.concatenate(images)
 
 
-def relation_outcomes(images: np.ndarray, specs: list[SceneSpec]) -> dict[str, float]:
+def relation_outcomes(results: list[CheckResult], specs: list[SceneSpec]) -> dict[str, float]:
     """Fractions of the relation prompts whose objects show each ``checker.relation_outcome``
     (``reversed`` high: the model reads the axis but not which object goes where)."""
-    outcomes = [relation_outcome(check(image, spec), spec) for image, spec in zip(images, specs)
-                if spec.relation is not None]
+    outcomes = [relation_outcome(result, spec) for result, spec in zip(results, specs) if spec.relation is not None]
     return {k: outcomes.count(k) / max(len(outcomes), 1) for k in ("holds", "reversed", "other", "missing")}
 
 
@@ -73,12 +72,12 @@ def main(argv: list[str] | None = None) -> dict:
         tic = time.perf_counter()
         images = generate(pipe, specs, steps, args.batch)
         accuracy = checker_accuracy(list(images), specs)
-        by_kind = {kind: checker_accuracy([images[i] for i, s in enumerate(specs) if s.kind == kind],
-                                          [s for s in specs if s.kind == kind])["accuracy"]
+        checks = [check(image, spec) for image, spec in zip(images, specs)]
+        by_kind = {kind: float(np.mean([c.passed for c, s in zip(checks, specs) if s.kind == kind]))
                    for kind in dict.fromkeys(s.kind for s in specs)}
         results[steps] = {"accuracy": accuracy["accuracy"], "mean_score": accuracy["mean_score"],
                           "by_complexity": {c: v["accuracy"] for c, v in accuracy["by_complexity"].items()},
-                          "by_kind": by_kind, "relations": relation_outcomes(images, specs),
+                          "by_kind": by_kind, "relations": relation_outcomes(checks, specs),
                           "n": len(specs), "seconds": time.perf_counter() - tic}
         title = f"{steps}-step sampler, CFG; checker accuracy {accuracy['accuracy']:.2f} on {len(specs)} prompts"
         caption_grid([[images[i] for i in columns]], [f"[{specs[i].kind}] {specs[i].caption}" for i in columns],

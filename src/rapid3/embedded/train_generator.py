@@ -305,8 +305,8 @@ def _checkpoint_from_export(path: Path) -> dict[str, Any]:
 
 def checkpoint_state(run: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
     """Everything needed to resume bit-for-bit."""
-    return dict(step=run["step"], images_seen=run["images_seen"], model=run["model"].state_dict(), ema=run["ema"].state_dict(),
-                optimizer=run["optimizer"].state_dict(), torch_rng=torch.get_rng_state(),
+    return dict(step=run["step"], images_seen=run["images_seen"], model=run["model"].state_dict(),
+                ema=run["ema"].state_dict(), optimizer=run["optimizer"].state_dict(), torch_rng=torch.get_rng_state(),
                 cuda_rng=torch.cuda.get_rng_state() if torch.device(cfg.device).type == "cuda" else None,
                 transformer_config=run["transformer_config"],
                 train_config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
