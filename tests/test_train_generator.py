@@ -130,6 +130,12 @@ def test_init_from_export(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
         assert torch.equal(p, exported.state_dict()[name])
 
 
+def test_resume_keeps_the_token_conditioning(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
+    train(replace(_config(tmp_path, 1), token_positions=False), encoder)
+    with pytest.raises(ValueError, match="trained without token positions; resume it with --no-token-positions"):
+        train(replace(_config(tmp_path, 2), resume=True), encoder)
+
+
 def test_resume_without_checkpoint_fails(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
     with pytest.raises(FileNotFoundError):
         train(replace(_config(tmp_path, 1), resume=True), encoder)

@@ -269,6 +269,8 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
     ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu") if cfg.resume and ckpt_path.exists() else None
     if cfg.resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if cfg.resume:
+        _require_same_conditioning(ckpt, ckpt_path, cfg)
     if ckpt is None and cfg.init_from is not None:
         ckpt = _checkpoint_from_export(cfg.init_from)
     transformer_config = ckpt["transformer_config"] if ckpt else embedded_transformer_config(**cfg.model)
@@ -289,6 +291,14 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
         images_seen = ckpt.get("images_seen", step * cfg.batch)  # checkpoints before the count: one batch size
     return dict(model=model, ema=ema, optimizer=optimizer, step=step, images_seen=images_seen,
                 transformer_config=transformer_config)
+
+
+def _require_same_conditioning(ckpt: dict[str, Any], path: Path, cfg: TrainConfig) -> None:
+    """A resumed run keeps its caption conditioning (checkpoints from before the flag have no token positions)."""
+    trained = ckpt["train_config"].get("token_positions", False)
+    if trained != cfg.token_positions:
+        how, fix = ("with", "without") if trained else ("without", "with")
+        raise ValueError(f"--resume: {path} was trained {how} token positions; resume it {fix} --no-token-positions")
 
 
 def _checkpoint_from_export(path: Path) -> dict[str, Any]:
