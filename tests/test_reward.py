@@ -1,6 +1,7 @@
 """The embedded world's learned reward model: negatives, model, training, save/load, CLI run."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from rapid3.embedded import reward, scenes
 from rapid3.embedded.reward import RewardModel, RewardTrainConfig
 from rapid3.embedded.scenes import parse_caption
 from rapid3.embedded.text_encoder import MiniLMTextEncoder
+from rapid3.train.checkpoint import CheckpointError, save_checkpoint
 
 TINY = dict(channels=(16, 32, 32), text_hidden=64, head_hidden=64)
 SINGLES_AND_COUNTS = [s for s in scenes.prompt_splits()["train"] if s.kind in ("single", "count")]
@@ -170,8 +172,15 @@ def test_train_exports_evaluates_and_resumes(tmp_path, encoder) -> None:
     assert [e["eval"]["step"] for e in logged if "eval" in e] == [2, 3]
 
 
-def test_resume_without_checkpoint_raises(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="--resume"):
+def test_cli_resume_without_checkpoint_is_one_clear_line(tmp_path) -> None:
+    with pytest.raises(SystemExit, match="reward: error: --resume: no checkpoint at .*; start the run without"):
+        reward.main(["--out", str(tmp_path / "run"), "--resume"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_generator_checkpoint_is_not_resumed_as_a_reward_model(tmp_path) -> None:
+    save_checkpoint(tmp_path / reward.CHECKPOINT, {"step": 1}, "rapid3-generator-checkpoint/1")
+    with pytest.raises(CheckpointError, match="rapid3-generator-checkpoint/1.*expected 'rapid3-reward-checkpoint/1'"):
         reward.build(RewardTrainConfig(out=tmp_path, resume=True))
 
 
@@ -194,6 +203,10 @@ def test_generator_samples_join_batches_and_are_cached(tmp_path, encoder) -> Non
     assert len(images) == len(specs) == 4
     from_generator = [any(torch.equal(image, g) for g in generated[0]) for image in images]
     assert from_generator == [False, False, True, True]
+    (tmp_path / "generated.pt").write_bytes(b"torn")  # a torn cache is made again, not an error
+    remade = reward.generated_samples(generator, encoder, 3, 0, tmp_path / "generated.pt")
+    assert torch.equal(remade[0], generated[0])
+    shutil.rmtree(generator)  # from here on only the cache can answer
     cached = reward.generated_samples(generator, encoder, 3, 0, tmp_path / "generated.pt")
     assert torch.equal(cached[0], generated[0]) and cached[1] == generated[1]
 

@@ -1,6 +1,7 @@
 """The embedded model's training script on a tiny config: steps, checkpoint, resume, export, load."""
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,12 +16,14 @@ from rapid3.embedded.train_generator import (
     CHECKPOINT,
     TrainConfig,
     batches,
+    main,
     parse_args,
     render_batch,
     train,
     training_captions,
     training_times,
 )
+from rapid3.train.checkpoint import CheckpointError, save_checkpoint
 
 TINY = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8, caption_projection_dim=16)
 
@@ -132,13 +135,29 @@ def test_init_from_export(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
 
 def test_resume_keeps_the_token_conditioning(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
     train(replace(_config(tmp_path, 1), token_positions=False), encoder)
-    with pytest.raises(ValueError, match="trained without token positions; resume it with --no-token-positions"):
+    with pytest.raises(CheckpointError, match="trained without token positions; resume it with --no-token-positions"):
         train(replace(_config(tmp_path, 2), resume=True), encoder)
 
 
-def test_resume_without_checkpoint_fails(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
-    with pytest.raises(FileNotFoundError):
-        train(replace(_config(tmp_path, 1), resume=True), encoder)
+@pytest.mark.parametrize("content, message", [
+    (None, "no checkpoint at .*checkpoint.pt; start the run without --resume"),
+    (b"PK\x03\x04 torn", "checkpoint.pt is corrupt or truncated"),
+    ("grpo", "not a rapid3 training checkpoint of this kind .*rapid3-grpo-checkpoint/1"),
+])
+def test_cli_bad_resume_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          content: bytes | str | None, message: str) -> None:
+    run = tmp_path / "run"
+    if content is not None:
+        run.mkdir()
+        if content == "grpo":  # another trainer's checkpoint in the folder
+            save_checkpoint(run / CHECKPOINT, {"step": 1})
+        else:
+            (run / CHECKPOINT).write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(run), "--resume"])
+    assert re.search(message, str(exit_info.value.code)), exit_info.value.code
+    assert str(exit_info.value.code).startswith("python -m rapid3.embedded.train_generator: error:")
+    assert not run.exists() or sorted(p.name for p in run.iterdir()) == [CHECKPOINT]  # nothing written
 
 
 def test_load_embedded_missing(tmp_path: Path) -> None:

@@ -49,10 +49,13 @@ from tqdm import tqdm
 from rapid3.embedded import scenes
 from rapid3.embedded.scenes import Relation, SceneSpec
 from rapid3.embedded.text_encoder import HIDDEN_DIM, MAX_TOKENS, MiniLMTextEncoder
-from rapid3.embedded.train_generator import _StopFlag, save_checkpoint, to_model_space
+from rapid3.embedded.train_generator import _StopFlag, to_model_space
+from rapid3.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 REWARD_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "reward"
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "rapid3-reward-checkpoint/1"
+SAMPLES_FORMAT = "rapid3-generator-samples/1"
 GENERATED = "generated.pt"
 ATTRIBUTES = ("colour", "shape", "count", "relation")  # what a hard negative changes
 
@@ -356,7 +359,10 @@ def generated_samples(generator: Path, encoder: MiniLMTextEncoder, n: int, seed:
 
     key = {"generator": str(Path(generator).resolve()), "n": n, "seed": seed}
     if cache is not None and cache.exists():
-        saved = torch.load(cache, weights_only=False)
+        try:
+            saved = load_checkpoint(cache, SAMPLES_FORMAT)
+        except CheckpointError:  # torn or from an older version: it is only a cache
+            saved = {"key": None}
         if saved["key"] == key:
             return saved["images"], [scenes.parse_caption(c) for c in saved["captions"]]
     pipe = EmbeddedPipeline.from_pretrained(generator, encoder=encoder)  # shares the loaded encoder
@@ -365,7 +371,7 @@ def generated_samples(generator: Path, encoder: MiniLMTextEncoder, n: int, seed:
     images = torch.cat([pipe([s.caption for s in specs[i:i + chunk]], seed=seed + i).latents
                         for i in tqdm(range(0, n, chunk), desc="generator samples", unit="batch")]).clamp(-1, 1)
     if cache is not None:
-        save_checkpoint(cache, {"key": key, "images": images, "captions": [s.caption for s in specs]})
+        save_checkpoint(cache, {"key": key, "images": images, "captions": [s.caption for s in specs]}, SAMPLES_FORMAT)
     return images, specs
 
 
@@ -403,8 +409,8 @@ def build(cfg: RewardTrainConfig) -> dict[str, Any]:
     """Model, optimizer and RNGs: fresh, or restored from cfg.out/checkpoint.pt with --resume."""
     ckpt_path = cfg.out / CHECKPOINT
     if cfg.resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, weights_only=False) if cfg.resume else None
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start the run without --resume")
+    ckpt = load_checkpoint(ckpt_path, CHECKPOINT_FORMAT) if cfg.resume else None
     torch.manual_seed(cfg.seed)
     model = RewardModel.from_config(ckpt["model_config"]) if ckpt else RewardModel(**(cfg.model or {}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -471,9 +477,9 @@ def export(model: RewardModel, path: Path, step: int, evals: list[dict[str, Any]
 
 def train(cfg: RewardTrainConfig, encoder: MiniLMTextEncoder | None = None) -> dict[str, Any]:
     """Run (or resume) training up to cfg.steps, evaluating on fresh renders; export if asked."""
+    run = build(cfg)  # first: a bad --resume fails before anything is loaded or written
     cfg.out.mkdir(parents=True, exist_ok=True)
     encoder = encoder or MiniLMTextEncoder()
-    run = build(cfg)
     generated = (generated_samples(cfg.generator, encoder, cfg.generated, cfg.seed, cfg.out / GENERATED)
                  if cfg.generator is not None else None)
     eval_rng = np.random.default_rng([cfg.seed, 1])  # a stream apart from the training data's
@@ -505,13 +511,13 @@ def train(cfg: RewardTrainConfig, encoder: MiniLMTextEncoder | None = None) -> d
             if step % cfg.eval_every == 0:
                 evaluate()
             if time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
-                save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg))
+                save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg), CHECKPOINT_FORMAT)
                 last_ckpt = time.time()
         if not run["evals"] or run["evals"][-1]["step"] != run["step"]:
             evaluate()
     bar.close()
     if run["step"] > start:
-        save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg))
+        save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg), CHECKPOINT_FORMAT)
     if cfg.export is not None:
         export(run["model"], cfg.export, run["step"], run["evals"])
     return run
@@ -546,7 +552,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     signal.signal(signal.SIGINT, _StopFlag.request)
     signal.signal(signal.SIGTERM, _StopFlag.request)
-    run = train(cfg)
+    try:
+        run = train(cfg)
+    except (CheckpointError, FileNotFoundError) as error:  # a user's --resume / --generator, not a bug: no traceback
+        sys.exit(f"python -m rapid3.embedded.reward: error: {error}")
     print(f"stopped at step {run['step']}; checkpoint in {cfg.out / CHECKPOINT}", flush=True)
 
 

@@ -24,7 +24,6 @@ import copy
 import itertools
 import json
 import multiprocessing
-import os
 import signal
 import sys
 import time
@@ -51,8 +50,10 @@ from rapid3.embedded.text_encoder import (
     add_token_positions,
     save_encodings,
 )
+from rapid3.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "rapid3-generator-checkpoint/1"
 
 
 @dataclass
@@ -237,13 +238,6 @@ def sample_grid(model: torch.nn.Module, encoder: TextEncoder, cfg: TrainConfig, 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file, then os.replace: a crash never leaves a torn checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def export(ema: torch.nn.Module, path: Path, step: int, images_seen: int, cfg: TrainConfig) -> None:
     """Write the EMA weights (fp16 safetensors + config.json) and the scheduler config to path."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -266,9 +260,9 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
     from diffusers import SD3Transformer2DModel
 
     ckpt_path = cfg.out / CHECKPOINT
-    ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu") if cfg.resume and ckpt_path.exists() else None
-    if cfg.resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+    if cfg.resume and not ckpt_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start the run without --resume")
+    ckpt = load_checkpoint(ckpt_path, CHECKPOINT_FORMAT) if cfg.resume else None
     if cfg.resume:
         _require_same_conditioning(ckpt, ckpt_path, cfg)
     if ckpt is None and cfg.init_from is not None:
@@ -298,7 +292,8 @@ def _require_same_conditioning(ckpt: dict[str, Any], path: Path, cfg: TrainConfi
     trained = ckpt["train_config"].get("token_positions", False)
     if trained != cfg.token_positions:
         how, fix = ("with", "without") if trained else ("without", "with")
-        raise ValueError(f"--resume: {path} was trained {how} token positions; resume it {fix} --no-token-positions")
+        raise CheckpointError(f"--resume: {path} was trained {how} token positions; resume it {fix} "
+                              "--no-token-positions")
 
 
 def _checkpoint_from_export(path: Path) -> dict[str, Any]:
@@ -345,10 +340,10 @@ def train_step(run: dict[str, Any], encoder: TextEncoder, cfg: TrainConfig, x0: 
 
 def train(cfg: TrainConfig, encoder: TextEncoder | None = None) -> dict[str, Any]:
     """Run (or resume) training up to cfg.steps (or cfg.minutes), then export if asked; returns the run state."""
+    run = build(cfg)  # first: a bad --resume or --init-from fails before anything is loaded or written
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "grids").mkdir(exist_ok=True)
     encoder = encoder or (PrecomputedTextEncoder(cfg.text_encodings) if cfg.text_encodings else MiniLMTextEncoder())
-    run = build(cfg)
     start = run["step"]
     data = batches(cfg.seed, cfg.batch, start, cfg.workers, cfg.kind_weights)
     losses: list[float] = []
@@ -370,12 +365,12 @@ def train(cfg: TrainConfig, encoder: TextEncoder | None = None) -> dict[str, Any
             if step % cfg.sample_every == 0:
                 sample_grid(run["ema"], encoder, cfg, step).save(cfg.out / "grids" / f"step_{step:07d}.png")
             if time.time() - last_ckpt > 60 * cfg.checkpoint_minutes:
-                save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg))
+                save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg), CHECKPOINT_FORMAT)
                 last_ckpt = time.time()
     bar.close()
     data.close()
     if run["step"] > start:
-        save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg))
+        save_checkpoint(cfg.out / CHECKPOINT, checkpoint_state(run, cfg), CHECKPOINT_FORMAT)
     if cfg.export is not None:
         export(run["ema"], cfg.export, run["step"], run["images_seen"], cfg)
     return run
@@ -451,7 +446,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     signal.signal(signal.SIGINT, _StopFlag.request)
     signal.signal(signal.SIGTERM, _StopFlag.request)
-    run = train(cfg)
+    try:
+        run = train(cfg)
+    except (CheckpointError, FileNotFoundError) as error:  # a user's --resume / --init-from, not a bug: no traceback
+        sys.exit(f"python -m rapid3.embedded.train_generator: error: {error}")
     exported = f"; EMA model exported to {cfg.export}" if cfg.export is not None else ""
     print(f"stopped at step {run['step']}; checkpoint in {cfg.out / CHECKPOINT}{exported}", flush=True)
 

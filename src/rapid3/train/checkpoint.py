@@ -1,10 +1,12 @@
-"""Training checkpoints that survive a crash at any moment.
+"""Training checkpoints that survive a crash at any moment (the GRPO trainer's, the embedded generator's
+and reward model's: each names its own format, so one is never resumed as another).
 
 ``save_checkpoint`` writes a temporary file next to the target, flushes it to disk and renames
 it over the target (``os.replace`` is atomic on POSIX), so the file at ``path`` is always either
 the previous complete checkpoint or the new complete one, never a torn mix. ``load_checkpoint``
 reads with ``weights_only=True`` (tensors, numbers, strings, containers: no pickled code) and
-turns an unreadable file into a ``CheckpointError`` that names it, leaving it untouched.
+turns an unreadable file, or one of another format, into a ``CheckpointError`` that names it, leaving it
+untouched.
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ FORMAT = "rapid3-grpo-checkpoint/1"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file exists but cannot be used (corrupt, truncated, or not a rapid3 checkpoint)."""
+    """A checkpoint file exists but cannot be used (corrupt, truncated, not a rapid3 checkpoint of the expected
+    format, or trained with settings the resumed run contradicts)."""
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` (plus the format tag) to ``path`` atomically and durably."""
+def save_checkpoint(path: str | Path, state: dict[str, Any], format_tag: str = FORMAT) -> None:
+    """Write ``state`` (plus ``format_tag``) to ``path`` atomically and durably."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as file:
-            torch.save({"format": FORMAT, **state}, file)
+            torch.save({"format": format_tag, **state}, file)
             file.flush()
             os.fsync(file.fileno())  # the data is on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
@@ -38,12 +41,12 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     _fsync_dir(path.parent)  # ... and the rename itself survives a power cut
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The state saved at ``path``.
+def load_checkpoint(path: str | Path, format_tag: str = FORMAT) -> dict[str, Any]:
+    """The state saved at ``path`` by ``save_checkpoint`` with the same ``format_tag``.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        CheckpointError: the file is truncated, corrupt or not a rapid3 training checkpoint.
+        CheckpointError: the file is truncated, corrupt or not a rapid3 checkpoint of that format.
     """
     path = Path(path)
     if not path.is_file():
@@ -54,9 +57,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"the checkpoint {path} is corrupt or truncated and cannot be resumed "
                               f"({type(error).__name__}: {error}). It was left as it is; restore a copy "
                               "or start a new run in another folder.") from error
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != format_tag:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path} is not a rapid3 training checkpoint (format {found!r}, expected {FORMAT!r}).")
+        raise CheckpointError(f"{path} is not a rapid3 training checkpoint of this kind (format {found!r}, expected "
+                              f"{format_tag!r}).")
     return state
 
 
