@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -46,3 +49,15 @@ def test_generate_rejects_bad_prompts(tiny_model, tmp_path, capsys, prompt, mess
 def test_generate_without_model_says_how_to_get_one(tmp_path, capsys):
     assert main(["generate", "a red circle", "--model", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "no embedded model" in capsys.readouterr().err
+
+
+def test_generate_on_the_embedded_model_loads_no_sd3_or_flux_pipeline(tiny_model, tmp_path):
+    # Importing diffusers' SD3/FLUX pipelines pulls transformers' image processors, which warn about
+    # torchvision on every run; the embedded model needs none of them.
+    code = ("import sys; from rapid3.cli import main; "
+            f"assert main(['generate', 'a red circle', '--model', {str(tiny_model)!r}, '--steps', '2', "
+            f"'--policy', 'default', '--out', {str(tmp_path / 'a.png')!r}]) == 0; "
+            "print(sorted(m for m in sys.modules if m.startswith('diffusers.pipelines.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "pipeline_flux" not in done.stdout and "pipeline_stable_diffusion_3" not in done.stdout, done.stdout
+    assert "torchvision" not in done.stderr

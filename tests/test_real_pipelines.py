@@ -17,7 +17,7 @@ import rapid3
 from rapid3.accel.sampler import Sampler
 from rapid3.baselines.steps import FullCompute
 from rapid3.cli import main
-from rapid3.generators import Generator, PipelineGenerator, check_policy, load_pipeline
+from rapid3.generators import Generator, PipelineGenerator, load_pipeline
 from rapid3.policy import RapidPolicy
 from rapid3.train.checkpoint import load_checkpoint
 
@@ -159,7 +159,7 @@ def test_a_policy_for_another_backbone_is_refused_before_sampling(saved, tmp_pat
     with rapid3.accelerate(sd3, FullCompute()) as handle:
         embedded_shaped = RapidPolicy(backbone_family="sd3", latent_channels=3, pooled_dim=384, hidden_dim=8)
         with pytest.raises(ValueError, match="latent_channels 3 \\(the pipeline needs 16\\)"):
-            check_policy(embedded_shaped, handle.backbone)
+            embedded_shaped.check_backbone(handle.backbone)
 
 
 def test_unsupported_pipelines_and_missing_models_fail_before_any_sampling(saved, tmp_path, capsys, monkeypatch):

@@ -173,14 +173,13 @@ def _generate_embedded(args: argparse.Namespace, prompts: list[str], policy: Rap
 
     from .embedded.model import GUIDANCE_SCALE
     from .embedded.pipeline import EmbeddedPipeline
-    from .generators import check_policy
 
     # A 3.5M-parameter model's ops are too small to split across threads, and on a busy 2-core
     # machine a second thread stalls every op (measured: 28 steps in 4.7 s on one thread, 80 s on two).
     torch.set_num_threads(1)
     pipe = EmbeddedPipeline.from_pretrained(args.model)
     if policy is not None:
-        check_policy(policy, pipe.backbone)
+        policy.check_backbone(pipe.backbone)
     guidance = GUIDANCE_SCALE if args.guidance is None else args.guidance
     tic = time.perf_counter()
     output = pipe(prompts, num_inference_steps=args.steps, guidance_scale=guidance, seed=args.seed,
@@ -196,14 +195,14 @@ def _generate_embedded(args: argparse.Namespace, prompts: list[str], policy: Rap
 def _generate_with_pipeline(args: argparse.Namespace, prompts: list[str], policy: RapidPolicy | None):
     """(image, seconds, summary) per prompt from a diffusers pipeline under ``rapid3.accelerate``, one call each."""
     from .baselines.steps import FullCompute
-    from .generators import check_policy, load_pipeline
+    from .generators import load_pipeline
     from .pipelines import accelerate
 
     pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
     guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}
     with accelerate(pipe, policy or FullCompute()) as handle:
         if policy is not None:
-            check_policy(policy, handle.backbone)
+            policy.check_backbone(handle.backbone)
             policy.to(pipe.device)
         for i, prompt in enumerate(prompts):
             tic = time.perf_counter()
@@ -306,7 +305,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     """`rapid3 bench --pipeline`: the trainer's held-out evaluation, on the prompt file, written as JSON."""
     import json
 
-    from .generators import PipelineGenerator, check_policy, resolve_device
+    from .generators import PipelineGenerator, resolve_device
     from .prompts import read_prompts
     from .policy.shipped import load_policy
     from .rewards.clip import CLIPScore
@@ -324,7 +323,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     quality = None if args.reward_model is None else CLIPScore.from_pretrained(args.reward_model, device=device)
     generator = PipelineGenerator.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype,
                                                   height=args.height, width=args.width)
-    check_policy(policy, generator.backbone)
+    policy.check_backbone(generator.backbone)
     metrics = evaluate(generator, policy.to(device), prompts, cfg, quality)
     settings = {"pipeline": args.pipeline, "policy": args.policy, "prompts": len(prompts), "steps": args.steps,
                 "guidance": args.guidance, "reward_model": args.reward_model}

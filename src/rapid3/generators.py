@@ -37,7 +37,6 @@ from .embedded.checker import checker_accuracy
 from .embedded.pipeline import EmbeddedPipeline, initial_noise, to_uint8
 from .embedded.scenes import parse_caption
 from .pipelines import AcceleratedPipeline, accelerate
-from .policy import RapidPolicy
 
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusion3Pipeline, FluxPipeline)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -223,19 +222,3 @@ def load_pipeline(path: str | Path, *, device: str | None = None,
     if name not in PIPELINE_CLASSES:
         raise TypeError(f"{path} holds a {name}; rapid3 accelerates {' and '.join(PIPELINE_CLASSES)} only.")
     return PIPELINE_CLASSES[name].from_pretrained(str(path), dtype=dtype_).to(device_)
-
-
-def check_policy(policy: RapidPolicy, backbone: DiffusersDiT) -> None:
-    """Raise ValueError unless ``policy`` was built for ``backbone``'s family and shapes (clear, before sampling)."""
-    family = policy.config.backbone_family
-    if family != backbone.family:
-        raise ValueError(f"this policy was trained for {family!r} pipelines (its config.json records "
-                         f"backbone_family={family!r}), but the pipeline is {backbone.family!r}. Train one for it "
-                         "with `rapid3 train --pipeline ...`.")
-    # A throwaway width-1 policy gives the backbone's shapes without restating for_backbone's mapping.
-    expected = RapidPolicy.for_backbone(backbone, hidden_dim=1).config
-    keys = ("latent_channels", "patch_size", "pooled_dim")
-    wrong = [f"{key} {policy.config[key]} (the pipeline needs {expected[key]})" for key in keys
-             if policy.config[key] != expected[key]]
-    if wrong:
-        raise ValueError(f"this {family} policy was trained for another model of the family: {', '.join(wrong)}.")

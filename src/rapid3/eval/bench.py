@@ -497,7 +497,6 @@ def load_scorer(spec: str | None) -> Scorer | None:
 def register_policies(name: str, label: str, policies: Sequence[str | Path]) -> Method:
     """Register trained policies (names of shipped ones or folders) as one method swept over its runs: its
     knob is the discount λ each was trained with when they all differ in it, else the folder."""
-    from ..generators import check_policy
     from ..policy.shipped import load_policy, policy_folder, training_info
 
     folders = [policy_folder(p) for p in policies]
@@ -508,7 +507,7 @@ def register_policies(name: str, label: str, policies: Sequence[str | Path]) -> 
 
     def policy(value: Any, bench: Bench) -> Controller:
         loaded = load_policy(folder_of[value])
-        check_policy(loaded, bench.pipe.backbone)
+        loaded.check_backbone(bench.pipe.backbone)
         return loaded
 
     return register_controller(name, label, "lam" if by_lam else "policy", values, values, policy)

@@ -90,6 +90,22 @@ class RapidPolicy(ModelMixin, ConfigMixin):
         return cls(backbone_family=backbone.family, latent_channels=tc.in_channels, patch_size=tc.patch_size,
                    pooled_dim=tc.pooled_projection_dim, **config)
 
+    def check_backbone(self, backbone: DiffusersDiT) -> None:
+        """Raise ValueError unless this policy was built for ``backbone``'s family and shapes (clear, before
+        sampling: a mismatch would otherwise surface as a shape error deep inside torch)."""
+        family = self.config.backbone_family
+        if family != backbone.family:
+            raise ValueError(f"this policy was trained for {family!r} pipelines (its config.json records "
+                             f"backbone_family={family!r}), but the pipeline is {backbone.family!r}. Train one for "
+                             "it with `rapid3 train --pipeline ...`.")
+        # A throwaway width-1 policy gives the backbone's shapes without restating for_backbone's mapping.
+        expected = RapidPolicy.for_backbone(backbone, hidden_dim=1).config
+        keys = ("latent_channels", "patch_size", "pooled_dim")
+        wrong = [f"{key} {self.config[key]} (the pipeline needs {expected[key]})" for key in keys
+                 if self.config[key] != expected[key]]
+        if wrong:
+            raise ValueError(f"this {family} policy was trained for another model of the family: {', '.join(wrong)}.")
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> RapidPolicy:
         """diffusers' loader (safetensors + config.json; never a pickled .bin, which could run code). The
