@@ -13,7 +13,8 @@ relation holds (``checker.relation_outcome``):
   the left, which the words alone tell.
 
 A conditioning the model can read order from lifts ``order`` about as fast as ``bag``. Measured on the
-shipped model (CPU, batch 32): ``bag`` goes from 0.29 to 0.92 in 100 steps, ``order`` stays at chance.
+shipped model (CPU, batch 32), with or without token positions: ``bag`` goes from 0.5 to 1.00 in 100
+steps, ``order`` stays at chance for 300.
 """
 
 from __future__ import annotations
