@@ -408,8 +408,6 @@ class RewardTrainConfig:
 def build(cfg: RewardTrainConfig) -> dict[str, Any]:
     """Model, optimizer and RNGs: fresh, or restored from cfg.out/checkpoint.pt with --resume."""
     ckpt_path = cfg.out / CHECKPOINT
-    if cfg.resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start the run without --resume")
     ckpt = load_checkpoint(ckpt_path, CHECKPOINT_FORMAT) if cfg.resume else None
     torch.manual_seed(cfg.seed)
     model = RewardModel.from_config(ckpt["model_config"]) if ckpt else RewardModel(**(cfg.model or {}))

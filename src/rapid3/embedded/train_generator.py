@@ -260,8 +260,6 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
     from diffusers import SD3Transformer2DModel
 
     ckpt_path = cfg.out / CHECKPOINT
-    if cfg.resume and not ckpt_path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; start the run without --resume")
     ckpt = load_checkpoint(ckpt_path, CHECKPOINT_FORMAT) if cfg.resume else None
     if cfg.resume:
         _require_same_conditioning(ckpt, ckpt_path, cfg)

@@ -50,7 +50,7 @@ def load_checkpoint(path: str | Path, format_tag: str = FORMAT) -> dict[str, Any
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; start the run without --resume")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch reports a torn zip, a bad pickle or EOF each its own way

@@ -385,8 +385,6 @@ def build_run(cfg: TrainConfig, *, resume: bool = False, world: World | None = N
         raise ValueError(f"prompts_per_iteration ({cfg.prompts_per_iteration}) must be a multiple of the number of "
                          f"processes ({world.size}): each rolls out whole groups of an equal share of the prompts.")
     path = Path(cfg.out) / CHECKPOINT
-    if resume and not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
     if not resume and path.exists():
         raise FileExistsError(f"{cfg.out} already holds a run ({CHECKPOINT}); pass --resume to continue it, "
                               "or choose another --out.")
