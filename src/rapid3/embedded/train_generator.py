@@ -173,6 +173,13 @@ def drop_captions(captions: list[str], p: float) -> list[str]:
 
 
 @torch.no_grad()
+def training_conditioning(encoder: TextEncoder, captions: list[str], caption_dropout: float,
+                          token_positions: bool) -> tuple[Tensor, Tensor]:
+    """(tokens, pooled) of ``captions``, a ``caption_dropout`` share dropped to "" (for CFG), as the model trains on."""
+    tokens, pooled = encoder.encode(drop_captions(captions, caption_dropout))
+    return (add_token_positions(tokens) if token_positions else tokens), pooled
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameter-wise."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
@@ -318,9 +325,7 @@ def checkpoint_state(run: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
 def train_step(run: dict[str, Any], encoder: TextEncoder, cfg: TrainConfig, x0: Tensor, captions: list[str]) -> float:
     """One optimizer step on the batch (x0, captions); returns the loss."""
     model, optimizer = run["model"], run["optimizer"]
-    tokens, pooled = encoder.encode(drop_captions(captions, cfg.caption_dropout))
-    if cfg.token_positions:
-        tokens = add_token_positions(tokens)
+    tokens, pooled = training_conditioning(encoder, captions, cfg.caption_dropout, cfg.token_positions)
     x0, tokens, pooled = (t.to(cfg.device, non_blocking=True) for t in (x0, tokens, pooled))
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(cfg, run["step"])

@@ -32,8 +32,7 @@ from rapid3.embedded.checker import check
 from rapid3.embedded.evaluate import generate, relation_outcomes
 from rapid3.embedded.model import SAMPLING_STEPS
 from rapid3.embedded.pipeline import EmbeddedPipeline
-from rapid3.embedded.text_encoder import add_token_positions
-from rapid3.embedded.train_generator import drop_captions, flow_matching_loss, to_model_space
+from rapid3.embedded.train_generator import flow_matching_loss, to_model_space, training_conditioning
 
 TASKS = ("order", "bag")
 
@@ -64,9 +63,7 @@ def fine_tune(pipe: EmbeddedPipeline, specs: list[scenes.SceneSpec], steps: int,
     for step in tqdm(range(1, steps + 1), desc="fine-tune", unit="step"):
         picked = [specs[i] for i in rng.integers(len(specs), size=batch)]
         x0 = to_model_space(np.stack([scenes.render(scenes.place(s, rng)) for s in picked]))
-        tokens, pooled = pipe.encoder.encode(drop_captions([s.caption for s in picked], 0.1))
-        if pipe.token_positions:
-            tokens = add_token_positions(tokens)
+        tokens, pooled = training_conditioning(pipe.encoder, [s.caption for s in picked], 0.1, pipe.token_positions)
         model.train().requires_grad_(True)  # the backbone adapter keeps its transformer frozen in eval mode
         with torch.enable_grad():
             loss = flow_matching_loss(model, x0, tokens, pooled, time_mean=0.5)
