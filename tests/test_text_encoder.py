@@ -12,7 +12,9 @@ from rapid3.embedded.text_encoder import (
     MAX_TOKENS,
     MiniLMTextEncoder,
     PrecomputedTextEncoder,
+    CaptionConditioning,
     add_token_positions,
+    ordered_pairs,
     save_encodings,
 )
 
@@ -70,6 +72,35 @@ def test_token_positions_tell_subject_from_object(encoder: MiniLMTextEncoder) ->
     assert positioned[~real].eq(0).all() and not torch.equal(positioned[real], tokens[real])  # padding stays zero
     rms = (positioned - tokens)[real].pow(2).mean().sqrt()
     assert 0.1 < rms < 0.3  # a signal beside the token states, not over them (their RMS is ~0.42)
+
+
+def test_ordered_pairs_tell_word_order_apart(encoder: MiniLMTextEncoder) -> None:
+    captions = ["a red circle left of a blue square", "a blue square left of a red circle"]
+    tokens, pooled = encoder.encode(captions)
+    pairs = ordered_pairs(tokens)
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(pooled[0], pooled[1], dim=0) > 0.98  # the mean: nearly a bag of words
+    assert cos(pairs[0], pairs[1], dim=0) < 0.7
+    # antisymmetric in order: a caption's real tokens read backwards give the negated pooling
+    n = int(tokens[0].ne(0).any(-1).sum())
+    backwards = tokens.clone()
+    backwards[0, :n] = tokens[0, :n].flip(0)
+    assert torch.allclose(ordered_pairs(backwards)[0], -pairs[0], atol=1e-5)
+    # padding adds nothing: the same caption padded to more tokens pools the same
+    padded = torch.nn.functional.pad(tokens, (0, 0, 0, 5))
+    assert torch.allclose(ordered_pairs(padded), pairs, atol=1e-6)
+    assert 0.1 < pairs.pow(2).mean().sqrt() < 0.5  # beside the mean's scale (~0.29), not over it
+
+
+def test_caption_conditioning(encoder: MiniLMTextEncoder) -> None:
+    tokens, pooled = encoder.encode(["a red circle"])
+    plain = CaptionConditioning()
+    assert plain == CaptionConditioning.from_info({}) and plain.pooled_dim == HIDDEN_DIM  # exports before the flags
+    assert all(torch.equal(a, b) for a, b in zip(plain.apply(tokens, pooled), (tokens, pooled)))
+    both = CaptionConditioning.from_info({"token_positions": True, "ordered_pairs": True})
+    got_tokens, got_pooled = both.apply(tokens, pooled)
+    assert torch.equal(got_tokens, add_token_positions(tokens)) and got_pooled.shape == (1, both.pooled_dim)
+    assert torch.equal(got_pooled, torch.cat([pooled, ordered_pairs(tokens)], -1))  # pairs of the states, not positions
 
 
 def test_precomputed_encodings_match_minilm(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:

@@ -11,7 +11,7 @@ import torch
 from rapid3.embedded.model import embedded_info, load_embedded
 from rapid3.embedded.pipeline import EmbeddedPipeline
 from rapid3.embedded.scenes import IMAGE_SIZE, parse_caption
-from rapid3.embedded.text_encoder import MiniLMTextEncoder, add_token_positions
+from rapid3.embedded.text_encoder import MiniLMTextEncoder, add_token_positions, ordered_pairs
 from rapid3.embedded.train_generator import (
     CHECKPOINT,
     TrainConfig,
@@ -71,18 +71,20 @@ def test_train_resume_export_load(tmp_path: Path, encoder: MiniLMTextEncoder) ->
     for a, b in zip(resumed["model"].parameters(), straight["model"].parameters()):
         assert torch.equal(a, b)
 
-    assert embedded_info(tmp_path / "export")["token_positions"] is True
+    info = embedded_info(tmp_path / "export")
+    assert info["token_positions"] is True and info["ordered_pairs"] is True
     assert embedded_info(tmp_path / "export")["images_seen"] == 3 * 4
     pipe = EmbeddedPipeline.from_pretrained(tmp_path / "export", encoder=encoder)
     cond, _ = pipe.encode(["a red circle"])  # the sampler conditions as training did
-    assert torch.equal(cond.per_sample["encoder_hidden_states"], add_token_positions(encoder.encode(["a red circle"])[0]))
+    tokens, pooled = encoder.encode(["a red circle"])
+    assert torch.equal(cond.per_sample["encoder_hidden_states"], add_token_positions(tokens))
+    assert torch.equal(cond.per_sample["pooled_projections"], torch.cat([pooled, ordered_pairs(tokens)], -1))
     transformer, scheduler = load_embedded(tmp_path / "export")
     assert transformer.dtype == torch.float32 and scheduler.config.shift == 1.0
     for name, p in resumed["ema"].state_dict().items():
         assert torch.allclose(transformer.state_dict()[name], p.half().float())
-    tokens, pooled = encoder.encode(["a red circle"])
     x = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
-    v = transformer(x, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=torch.tensor([500.0]),
+    v = transformer(x, **cond.per_sample, timestep=torch.tensor([500.0]),
                     return_dict=False)[0]
     assert v.shape == x.shape and torch.isfinite(v).all()
 
@@ -133,10 +135,30 @@ def test_init_from_export(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
         assert torch.equal(p, exported.state_dict()[name])
 
 
-def test_resume_keeps_the_token_conditioning(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
-    train(replace(_config(tmp_path, 1), token_positions=False), encoder)
-    with pytest.raises(CheckpointError, match="trained without token positions; resume it with --no-token-positions"):
+@pytest.mark.parametrize("flag, option", [("token_positions", "--no-token-positions"),
+                                          ("ordered_pairs", "--no-ordered-pairs")])
+def test_resume_keeps_the_caption_conditioning(tmp_path: Path, encoder: MiniLMTextEncoder, flag: str,
+                                               option: str) -> None:
+    train(replace(_config(tmp_path, 1), **{flag: False}), encoder)
+    with pytest.raises(CheckpointError, match=f"trained without {flag.replace('_', ' ')}; resume it with {option}"):
         train(replace(_config(tmp_path, 2), resume=True), encoder)
+
+
+def test_init_from_an_export_without_ordered_pairs(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
+    train(_config(tmp_path / "old", 1, ordered_pairs=False, export=tmp_path / "export"), encoder)
+    old, _ = load_embedded(tmp_path / "export")
+    run = train(replace(_config(tmp_path / "new", 1), init_from=tmp_path / "export"), encoder)
+    widened = run["model"].eval()
+    assert widened.config.pooled_projection_dim == 2 * old.config.pooled_projection_dim
+    # the pair columns start at zero: the widened model draws what the export drew
+    tokens, pooled = encoder.encode(["a red circle left of a blue square"])
+    tokens = add_token_positions(tokens)
+    x, t = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE), torch.tensor([500.0])
+    want = old(x, encoder_hidden_states=tokens, pooled_projections=pooled, timestep=t, return_dict=False)[0]
+    with torch.no_grad():
+        got = widened(x, encoder_hidden_states=tokens, timestep=t, return_dict=False,
+                      pooled_projections=torch.cat([pooled, ordered_pairs(tokens)], -1))[0]
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -16,7 +16,7 @@ from ..backbones import Conditioning, SD3Backbone
 from ..baselines.steps import FullCompute
 from .model import GUIDANCE_SCALE, SAMPLING_STEPS, embedded_info, load_embedded
 from .scenes import IMAGE_SIZE
-from .text_encoder import MAX_TOKENS, UNCONDITIONAL_PROMPT, MiniLMTextEncoder, TextEncoder, add_token_positions
+from .text_encoder import MAX_TOKENS, UNCONDITIONAL_PROMPT, CaptionConditioning, MiniLMTextEncoder, TextEncoder
 
 
 @dataclass
@@ -35,24 +35,23 @@ class EmbeddedPipeline:
     ``controller`` (a baseline or a ``RapidPolicy``) to accelerate it.
     """
 
-    def __init__(self, backbone: SD3Backbone, encoder: TextEncoder, token_positions: bool = False) -> None:
-        self.backbone, self.encoder, self.token_positions = backbone, encoder, token_positions
+    def __init__(self, backbone: SD3Backbone, encoder: TextEncoder,
+                 conditioning: CaptionConditioning = CaptionConditioning()) -> None:
+        self.backbone, self.encoder, self.conditioning = backbone, encoder, conditioning
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, encoder: TextEncoder | None = None) -> EmbeddedPipeline:
         """Load the shipped model (or one exported to ``path``) and the MiniLM text encoder (or ``encoder``,
         to share one already loaded), offline."""
         transformer, scheduler = load_embedded(path)
-        token_positions = embedded_info(path).get("token_positions", False)
-        return cls(SD3Backbone(transformer, scheduler), encoder or MiniLMTextEncoder(), token_positions)
+        conditioning = CaptionConditioning.from_info(embedded_info(path))
+        return cls(SD3Backbone(transformer, scheduler), encoder or MiniLMTextEncoder(), conditioning)
 
     def encode(self, prompts: list[str]) -> tuple[Conditioning, Conditioning]:
         """(prompt, unconditional) conditioning; raises ValueError for empty or over-long prompts."""
         for prompt in prompts:
             check_prompt(self.encoder, prompt)
-        tokens, pooled = self.encoder.encode(list(prompts) + [UNCONDITIONAL_PROMPT])
-        if self.token_positions:
-            tokens = add_token_positions(tokens)
+        tokens, pooled = self.conditioning.apply(*self.encoder.encode(list(prompts) + [UNCONDITIONAL_PROMPT]))
         cond = Conditioning({"encoder_hidden_states": tokens[:-1], "pooled_projections": pooled[:-1]})
         n = len(prompts)
         uncond = Conditioning({"encoder_hidden_states": tokens[-1:].expand(n, -1, -1),

