@@ -3,16 +3,18 @@
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from rapid3.embedded import scenes
 from rapid3.embedded.pipeline import check_prompt
 from rapid3.embedded.text_encoder import (
     HIDDEN_DIM,
     MAX_TOKENS,
+    CaptionConditioning,
     MiniLMTextEncoder,
     PrecomputedTextEncoder,
-    CaptionConditioning,
     add_token_positions,
     ordered_pairs,
     save_encodings,
@@ -90,6 +92,30 @@ def test_ordered_pairs_tell_word_order_apart(encoder: MiniLMTextEncoder) -> None
     padded = torch.nn.functional.pad(tokens, (0, 0, 0, 5))
     assert torch.allclose(ordered_pairs(padded), pairs, atol=1e-6)
     assert 0.1 < pairs.pow(2).mean().sqrt() < 0.5  # beside the mean's scale (~0.29), not over it
+
+
+def _side_probe(encoder: MiniLMTextEncoder, pool) -> float:
+    """Ridge regression (lambda 10) from ``pool(tokens, mean)`` of the train split's left/right captions to the
+    side each colour goes to (-1 left, +1 right); the share of held-out captions' colours it puts right."""
+    def data(split: str) -> tuple[np.ndarray, np.ndarray]:
+        specs = [s for s in scenes.prompt_splits()[split] if s.relation and s.relation.relation in ("left of", "right of")]
+        sides = np.zeros((len(specs), len(scenes.COLORS)))
+        for row, spec in zip(sides, specs):
+            sign = -1 if spec.relation.relation == "left of" else 1
+            row[list(scenes.COLORS).index(spec.objects[spec.relation.subject].color)] += sign
+            row[list(scenes.COLORS).index(spec.objects[spec.relation.object].color)] -= sign
+        return pool(*encoder.encode([s.caption for s in specs])).double().numpy(), sides
+    (x, y), (x_test, y_test) = data("train"), data("heldout")
+    mean, std = x.mean(0), x.std(0) + 1e-8
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+    weights = np.linalg.solve(x.T @ x + 10.0 * np.eye(x.shape[1]), x.T @ y)
+    present = y_test != 0
+    return float((np.sign(x_test @ weights)[present] == y_test[present]).mean())
+
+
+def test_ordered_pairs_make_a_relations_sides_linear(encoder: MiniLMTextEncoder) -> None:
+    assert _side_probe(encoder, lambda tokens, mean: mean) < 0.75  # nearly a bag of words
+    assert _side_probe(encoder, lambda tokens, mean: torch.cat([mean, ordered_pairs(tokens)], -1)) > 0.97
 
 
 def test_caption_conditioning(encoder: MiniLMTextEncoder) -> None:

@@ -36,8 +36,9 @@ class EmbeddedPipeline:
     """
 
     def __init__(self, backbone: SD3Backbone, encoder: TextEncoder,
-                 conditioning: CaptionConditioning = CaptionConditioning()) -> None:
-        self.backbone, self.encoder, self.conditioning = backbone, encoder, conditioning
+                 conditioning: CaptionConditioning | None = None) -> None:
+        self.backbone, self.encoder = backbone, encoder
+        self.conditioning = conditioning or CaptionConditioning()  # the plain one: MiniLM's states and their mean
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, encoder: TextEncoder | None = None) -> EmbeddedPipeline:
