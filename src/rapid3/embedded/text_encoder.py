@@ -28,8 +28,8 @@ def add_token_positions(tokens: Tensor) -> Tensor:
     cosine 0.95), so a model conditioned on them alone has little to tell a relation's subject from its object.
     """
     _, length, dim = tokens.shape
-    index = torch.arange(length, dtype=torch.float32)[:, None]
-    frequency = POSITION_BASE ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    index = torch.arange(length, dtype=torch.float32, device=tokens.device)[:, None]
+    frequency = POSITION_BASE ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=tokens.device) / dim)
     codes = torch.stack([torch.sin(index * frequency), torch.cos(index * frequency)], dim=-1).reshape(length, dim)
     real = tokens.ne(0).any(-1, keepdim=True)
     return tokens + (POSITION_RMS * 2**0.5) * codes.to(tokens) * real

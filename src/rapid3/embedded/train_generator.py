@@ -179,9 +179,11 @@ def drop_captions(captions: list[str], p: float) -> list[str]:
 
 @torch.no_grad()
 def training_conditioning(encoder: TextEncoder, captions: list[str], caption_dropout: float,
-                          conditioning: CaptionConditioning) -> tuple[Tensor, Tensor]:
-    """(tokens, pooled) of ``captions``, a ``caption_dropout`` share dropped to "" (for CFG), as the model trains on."""
-    return conditioning.apply(*encoder.encode(drop_captions(captions, caption_dropout)))
+                          conditioning: CaptionConditioning, device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """(tokens, pooled) of ``captions`` on ``device``, a ``caption_dropout`` share dropped to "" (for CFG), as the
+    model trains on. The conditioning is applied on ``device``: on a GPU machine the CPU cores render the batches."""
+    tokens, pooled = encoder.encode(drop_captions(captions, caption_dropout))
+    return conditioning.apply(tokens.to(device, non_blocking=True), pooled.to(device, non_blocking=True))
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -338,8 +340,8 @@ def checkpoint_state(run: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
 def train_step(run: dict[str, Any], encoder: TextEncoder, cfg: TrainConfig, x0: Tensor, captions: list[str]) -> float:
     """One optimizer step on the batch (x0, captions); returns the loss."""
     model, optimizer = run["model"], run["optimizer"]
-    tokens, pooled = training_conditioning(encoder, captions, cfg.caption_dropout, cfg.conditioning)
-    x0, tokens, pooled = (t.to(cfg.device, non_blocking=True) for t in (x0, tokens, pooled))
+    tokens, pooled = training_conditioning(encoder, captions, cfg.caption_dropout, cfg.conditioning, cfg.device)
+    x0 = x0.to(cfg.device, non_blocking=True)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(cfg, run["step"])
     with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
