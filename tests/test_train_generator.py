@@ -147,7 +147,8 @@ def test_resume_keeps_the_caption_conditioning(tmp_path: Path, encoder: MiniLMTe
 def test_init_from_an_export_without_ordered_pairs(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
     train(_config(tmp_path / "old", 1, ordered_pairs=False, export=tmp_path / "export"), encoder)
     old, _ = load_embedded(tmp_path / "export")
-    run = train(replace(_config(tmp_path / "new", 1), init_from=tmp_path / "export"), encoder)
+    run = train(replace(_config(tmp_path / "new", 1, export=tmp_path / "new_export"), init_from=tmp_path / "export"),
+                encoder)
     widened = run["model"].eval()
     assert widened.config.pooled_projection_dim == 2 * old.config.pooled_projection_dim
     # the pair columns start at zero: the widened model draws what the export drew
@@ -159,6 +160,10 @@ def test_init_from_an_export_without_ordered_pairs(tmp_path: Path, encoder: Mini
         got = widened(x, encoder_hidden_states=tokens, timestep=t, return_dict=False,
                       pooled_projections=torch.cat([pooled, ordered_pairs(tokens)], -1))[0]
     assert torch.allclose(got, want, atol=1e-5)
+    # the other way, a model would lose an input it was trained on: refused in one line
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "narrow"), "--init-from", str(tmp_path / "new_export"), "--no-ordered-pairs"])
+    assert "was trained with ordered pairs; start from it without --no-ordered-pairs" in str(exit_info.value.code)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -318,6 +318,9 @@ def _checkpoint_from_export(path: Path, conditioning: CaptionConditioning) -> di
     transformer, _ = load_embedded(path)
     weights = transformer.state_dict()
     config = {k: v for k, v in transformer.config.items() if not k.startswith("_")}
+    if config["pooled_projection_dim"] > conditioning.pooled_dim:
+        raise CheckpointError(f"--init-from: {path} was trained with ordered pairs; start from it without "
+                              "--no-ordered-pairs")
     if config["pooled_projection_dim"] < conditioning.pooled_dim:
         name = "time_text_embed.text_embedder.linear_1.weight"
         extra = conditioning.pooled_dim - config["pooled_projection_dim"]
