@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -77,6 +78,7 @@ def fine_tune(pipe: EmbeddedPipeline, specs: list[scenes.SceneSpec], steps: int,
         model.eval().requires_grad_(False)
         if step % eval_every == 0 or step == steps:
             curve.append({"step": step, "holds": holds(pipe, specs, samples)})
+            tqdm.write(f"step {step}: the relation holds in {curve[-1]['holds']:.2f}", file=sys.stderr)
     return curve
 
 
