@@ -123,6 +123,20 @@ def test_composition_ignores_wording() -> None:
         "a blue square and a red circle").composition
 
 
+def test_canonical_caption_mirrors_right_of_and_below() -> None:
+    assert scenes.canonical_caption("a red circle right of a blue square") == "a blue square left of a red circle"
+    assert scenes.canonical_caption("a red circle below a blue square") == "a blue square above a red circle"
+    for kept in ("a red circle left of a blue square", "a red circle above a blue square", "two red circles",
+                 "a red circle and a blue square", "not a caption"):
+        assert scenes.canonical_caption(kept) == kept
+    train = {s.caption for s in scenes.prompt_splits()["train"]}
+    for spec in scenes.all_scenes():
+        canonical = parse_caption(scenes.canonical_caption(spec.caption))
+        assert canonical.composition == spec.composition  # the same image is asked for
+        assert canonical.relation is None or canonical.relation.relation in ("left of", "above")
+        assert (canonical.caption in train) == (spec.caption in train)  # no held-out wording enters training
+
+
 def test_sample_scene_deterministic_and_from_train() -> None:
     first = [scenes.sample_scene(np.random.default_rng(5)).caption for _ in range(3)]
     assert len(set(first)) == 1

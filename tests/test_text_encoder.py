@@ -127,6 +127,18 @@ def test_caption_conditioning(encoder: MiniLMTextEncoder) -> None:
     got_tokens, got_pooled = both.apply(tokens, pooled)
     assert torch.equal(got_tokens, add_token_positions(tokens)) and got_pooled.shape == (1, both.pooled_dim)
     assert torch.equal(got_pooled, torch.cat([pooled, ordered_pairs(tokens)], -1))  # pairs of the states, not positions
+    assert all(torch.equal(a, b) for a, b in zip(plain.encode(encoder, ["a red circle"]), (tokens, pooled)))
+
+
+def test_canonical_relations_encode_the_mirrored_wording(encoder: MiniLMTextEncoder) -> None:
+    canonical = CaptionConditioning.from_info({"canonical_relations": True})
+    assert canonical == CaptionConditioning(canonical_relations=True)
+    mirrored = ["a red circle right of a blue square", "a red circle below a blue square", "two red circles"]
+    wanted = ["a blue square left of a red circle", "a blue square above a red circle", "two red circles"]
+    for got, want in zip(canonical.encode(encoder, mirrored), encoder.encode(wanted)):
+        assert torch.equal(got, want)
+    as_written = CaptionConditioning().encode(encoder, mirrored[:1])[0]
+    assert not torch.equal(as_written, encoder.encode(wanted[:1])[0])
 
 
 def test_precomputed_encodings_match_minilm(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:

@@ -40,7 +40,8 @@ def _config(out: Path, steps: int, **kw) -> TrainConfig:
 def test_cli_defaults() -> None:
     cfg = parse_args(["--out", "x", "--resume", "--steps", "7", "--export", "y"])
     assert (cfg.out, cfg.resume, cfg.steps, cfg.export, cfg.batch, cfg.ema) == (Path("x"), True, 7, Path("y"), 64, 0.999)
-    assert cfg.token_positions and not parse_args(["--out", "x", "--no-token-positions"]).token_positions
+    for flag in ("token_positions", "ordered_pairs", "canonical_relations"):
+        assert getattr(cfg, flag) and not getattr(parse_args(["--out", "x", "--no-" + flag.replace("_", "-")]), flag)
 
 
 def test_kind_weights_and_time_mean(capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,13 +73,16 @@ def test_train_resume_export_load(tmp_path: Path, encoder: MiniLMTextEncoder) ->
         assert torch.equal(a, b)
 
     info = embedded_info(tmp_path / "export")
-    assert info["token_positions"] is True and info["ordered_pairs"] is True
+    assert info["token_positions"] is True and info["ordered_pairs"] is True and info["canonical_relations"] is True
     assert embedded_info(tmp_path / "export")["images_seen"] == 3 * 4
     pipe = EmbeddedPipeline.from_pretrained(tmp_path / "export", encoder=encoder)
     cond, _ = pipe.encode(["a red circle"])  # the sampler conditions as training did
     tokens, pooled = encoder.encode(["a red circle"])
     assert torch.equal(cond.per_sample["encoder_hidden_states"], add_token_positions(tokens))
     assert torch.equal(cond.per_sample["pooled_projections"], torch.cat([pooled, ordered_pairs(tokens)], -1))
+    mirrored, canonical = (pipe.encode([c])[0].per_sample["encoder_hidden_states"]
+                           for c in ("a red circle right of a blue square", "a blue square left of a red circle"))
+    assert torch.equal(mirrored, canonical)
     transformer, scheduler = load_embedded(tmp_path / "export")
     assert transformer.dtype == torch.float32 and scheduler.config.shift == 1.0
     for name, p in resumed["ema"].state_dict().items():
@@ -136,7 +140,8 @@ def test_init_from_export(tmp_path: Path, encoder: MiniLMTextEncoder) -> None:
 
 
 @pytest.mark.parametrize("flag, option", [("token_positions", "--no-token-positions"),
-                                          ("ordered_pairs", "--no-ordered-pairs")])
+                                          ("ordered_pairs", "--no-ordered-pairs"),
+                                          ("canonical_relations", "--no-canonical-relations")])
 def test_resume_keeps_the_caption_conditioning(tmp_path: Path, encoder: MiniLMTextEncoder, flag: str,
                                                option: str) -> None:
     train(replace(_config(tmp_path, 1), **{flag: False}), encoder)

@@ -52,7 +52,7 @@ class EmbeddedPipeline:
         """(prompt, unconditional) conditioning; raises ValueError for empty or over-long prompts."""
         for prompt in prompts:
             check_prompt(self.encoder, prompt)
-        tokens, pooled = self.conditioning.apply(*self.encoder.encode(list(prompts) + [UNCONDITIONAL_PROMPT]))
+        tokens, pooled = self.conditioning.encode(self.encoder, list(prompts) + [UNCONDITIONAL_PROMPT])
         cond = Conditioning({"encoder_hidden_states": tokens[:-1], "pooled_projections": pooled[:-1]})
         n = len(prompts)
         uncond = Conditioning({"encoder_hidden_states": tokens[-1:].expand(n, -1, -1),

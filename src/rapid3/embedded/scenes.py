@@ -203,6 +203,19 @@ def parse_caption(caption: str) -> SceneSpec:
     return spec
 
 
+def canonical_caption(caption: str) -> str:
+    """A "right of" / "below" caption reworded as its mirror ("A right of B" -> "B left of A"); others unchanged.
+
+    Both wordings ask for the same image (they share a :attr:`SceneSpec.composition`). In the canonical one the
+    object named first always goes left or up, so which side a colour goes to follows from word order alone, not
+    from word order *and* the relation word together.
+    """
+    m = _RELATION_RE.fullmatch(caption)
+    if m is None or m[3] not in ("right of", "below"):
+        return caption
+    return f"a {m[4]} {m[5]} {OPPOSITE_RELATION[m[3]]} a {m[1]} {m[2]}"
+
+
 def relation_holds(subject: Placement, obj: Placement, relation: str) -> bool:
     """Whether ``subject`` is ``relation`` ``obj`` with a clear margin (see RELATION_CROSS_RATIO)."""
     dx, dy = obj.cx - subject.cx, obj.cy - subject.cy  # obj relative to subject

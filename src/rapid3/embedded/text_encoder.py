@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from rapid3.embedded.scenes import canonical_caption
 
 MAX_TOKENS = 16  # the longest caption of the grammar is 14 MiniLM tokens, [CLS] and [SEP] included
 HIDDEN_DIM = 384
@@ -65,6 +67,7 @@ class CaptionConditioning:
 
     token_positions: bool = False  # add_token_positions to the token states
     ordered_pairs: bool = False  # pooled = [mean, ordered_pairs(tokens)] instead of the mean alone
+    canonical_relations: bool = False  # encode relation captions in scenes.canonical_caption's wording
 
     @property
     def pooled_dim(self) -> int:
@@ -77,10 +80,18 @@ class CaptionConditioning:
             pooled = torch.cat([pooled, ordered_pairs(tokens)], -1)
         return (add_token_positions(tokens) if self.token_positions else tokens), pooled
 
+    def encode(self, encoder: TextEncoder, prompts: list[str], device: torch.device | str = "cpu"
+               ) -> tuple[Tensor, Tensor]:
+        """(tokens, pooled) the model is conditioned on for ``prompts``, on ``device``."""
+        if self.canonical_relations:
+            prompts = [canonical_caption(p) for p in prompts]
+        tokens, pooled = encoder.encode(prompts)
+        return self.apply(tokens.to(device, non_blocking=True), pooled.to(device, non_blocking=True))
+
     @classmethod
     def from_info(cls, info: dict) -> CaptionConditioning:
         """The conditioning an export's ``rapid3_embedded.json`` records (older exports lack the newer keys)."""
-        return cls(info.get("token_positions", False), info.get("ordered_pairs", False))
+        return cls(**{f.name: info.get(f.name, False) for f in fields(cls)})
 
 
 def minilm_path() -> str:

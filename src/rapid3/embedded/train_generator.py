@@ -77,6 +77,7 @@ class TrainConfig:
     init_from: Path | None = None  # an --export folder to start from (weights only: 7 MB where a checkpoint is 57)
     token_positions: bool = True  # add_token_positions to the caption tokens (SD3 gives text tokens no positions)
     ordered_pairs: bool = True  # pooled = [mean, ordered_pairs]: the mean of MiniLM's states is a bag of words
+    canonical_relations: bool = True  # "A right of B" read as "B left of A": the first-named object goes left/up
     # Training mix of caption kinds (relative weights) and the location of SD3's logit-normal time
     # sampling: > 0 spends more steps at high noise, where the layout (a relation's direction) is decided.
     kind_weights: dict[str, float] = field(default_factory=lambda: dict(scenes.TRAIN_KIND_WEIGHTS))
@@ -93,7 +94,7 @@ class TrainConfig:
 
     @property
     def conditioning(self) -> CaptionConditioning:
-        return CaptionConditioning(self.token_positions, self.ordered_pairs)
+        return CaptionConditioning(self.token_positions, self.ordered_pairs, self.canonical_relations)
 
 
 class _StopFlag:
@@ -182,8 +183,7 @@ def training_conditioning(encoder: TextEncoder, captions: list[str], caption_dro
                           conditioning: CaptionConditioning, device: str = "cpu") -> tuple[Tensor, Tensor]:
     """(tokens, pooled) of ``captions`` on ``device``, a ``caption_dropout`` share dropped to "" (for CFG), as the
     model trains on. The conditioning is applied on ``device``: on a GPU machine the CPU cores render the batches."""
-    tokens, pooled = encoder.encode(drop_captions(captions, caption_dropout))
-    return conditioning.apply(tokens.to(device, non_blocking=True), pooled.to(device, non_blocking=True))
+    return conditioning.encode(encoder, drop_captions(captions, caption_dropout), device)
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -301,7 +301,8 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
 
 def _require_same_conditioning(ckpt: dict[str, Any], path: Path, cfg: TrainConfig) -> None:
     """A resumed run keeps its caption conditioning (checkpoints from before a flag lack it: it was off)."""
-    for name, flag in (("token_positions", "--no-token-positions"), ("ordered_pairs", "--no-ordered-pairs")):
+    for name in ("token_positions", "ordered_pairs", "canonical_relations"):
+        flag = "--no-" + name.replace("_", "-")
         trained = ckpt["train_config"].get(name, False)
         if trained != getattr(cfg, name):
             how, fix = ("with", "without") if trained else ("without", "with")
@@ -429,6 +430,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="condition on MiniLM's token states alone, as models exported before token positions were")
     p.add_argument("--no-ordered-pairs", dest="ordered_pairs", action="store_false",
                    help="pool the caption by its mean alone, as models exported before ordered pairs were")
+    p.add_argument("--no-canonical-relations", dest="canonical_relations", action="store_false",
+                   help="encode 'right of' / 'below' captions as written, not mirrored to 'left of' / 'above'")
     p.add_argument("--kind-weight", action="append", default=[], metavar="KIND=W",
                    help=f"relative weight of a caption kind in the training mix (default {scenes.TRAIN_KIND_WEIGHTS})")
     p.add_argument("--time-mean", type=float, default=defaults.time_mean,
