@@ -29,7 +29,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -301,7 +301,7 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
 
 def _require_same_conditioning(ckpt: dict[str, Any], path: Path, cfg: TrainConfig) -> None:
     """A resumed run keeps its caption conditioning (checkpoints from before a flag lack it: it was off)."""
-    for name in ("token_positions", "ordered_pairs", "canonical_relations"):
+    for name in (f.name for f in fields(CaptionConditioning)):
         flag = "--no-" + name.replace("_", "-")
         trained = ckpt["train_config"].get(name, False)
         if trained != getattr(cfg, name):
