@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from rapid3.accel.costs import interleaved_medians
-from rapid3.accel.sparse_attention import NUM_SPARSE_LEVELS, SPARSE_KEEP_FRACTIONS, sparse_attention
 from rapid3.backbones import Conditioning, SD3Backbone
-from rapid3.demo import HEAD_DIM, HEADS, TEXT_TOKENS, random_sd3_setup
+from rapid3.backbones.random_sd3 import HEAD_DIM, HEADS, TEXT_TOKENS, random_sd3_setup
+from rapid3.backbones.sparse_attention import NUM_SPARSE_LEVELS, SPARSE_KEEP_FRACTIONS, sparse_attention
 
 ACTIONS = ["full", "reuse"] + [f"keep{k}" for k in SPARSE_KEEP_FRACTIONS]
 

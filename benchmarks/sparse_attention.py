@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from rapid3.accel.sparse_attention import (
+from rapid3.backbones.sparse_attention import (
     NUM_SPARSE_LEVELS,
     BlockLayout,
     attention_flops,

@@ -14,7 +14,8 @@ from tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
 import rapid3
 from rapid3.accel.actions import Actions, Observation
-from rapid3.baselines.steps import FixedIntervalCache, FullCompute, StaticSparse, UniformSteps
+from rapid3.accel.controllers import FullCompute, UniformSteps
+from rapid3.baselines.steps import FixedIntervalCache, StaticSparse
 
 PROMPTS = ["a red circle", "two blue squares"]
 SD3_CALL = {"prompt": PROMPTS, "negative_prompt": "a green square", "guidance_scale": 4.5, "num_inference_steps": 4,

@@ -18,13 +18,13 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 from test_trainer import SMALL, models  # noqa: F401  (the module-scoped tiny models fixture)
 
-from rapid3 import prompts
 from rapid3.baselines.steps import StaticSparse
 from rapid3.cli import main
+from rapid3.common import prompts
+from rapid3.common.checkpoint import CheckpointError, load_checkpoint
 from rapid3.embedded.model import embedded_transformer_config
 from rapid3.embedded.pipeline import EmbeddedPipeline
 from rapid3.policy import RapidPolicy
-from rapid3.train.checkpoint import CheckpointError, load_checkpoint
 from rapid3.train.config import TrainConfig
 from rapid3.train.distributed import World, world_from_env
 from rapid3.train.trainer import build_run, train

@@ -7,9 +7,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tiny_pipelines import tiny_sd3_transformer
 
+from rapid3.accel.controllers import UniformSteps
 from rapid3.accel.sampler import Sampler
 from rapid3.backbones import Conditioning, SD3Backbone
-from rapid3.baselines.steps import FixedIntervalCache, StaticSparse, UniformSteps
+from rapid3.baselines.steps import FixedIntervalCache, StaticSparse
 
 
 @pytest.fixture(scope="module")

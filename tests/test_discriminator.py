@@ -6,8 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from rapid3.embedded.reward import render_set
-from rapid3.train.discriminator import (Discriminator, ImageDiscriminator, ModuleDiscriminator, PositiveCache,
-                                        ReplayBuffer, discriminator_score, discriminator_step)
+from rapid3.rewards.discriminator import (
+    Discriminator,
+    ImageDiscriminator,
+    ModuleDiscriminator,
+    discriminator_score,
+    discriminator_step,
+)
+from rapid3.train.replay import ReplayBuffer
 
 TINY = dict(channels=(16, 32, 64))
 
@@ -160,22 +166,3 @@ def test_replay_buffer_errors() -> None:
         buffer.push(torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError, match="capacity"):
         ReplayBuffer(3).load_state_dict(buffer.state_dict())
-
-
-# ----------------------------------------------------------------------------- positive cache
-
-
-def test_positive_cache_generates_each_pair_once() -> None:
-    calls = []
-
-    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        calls.append(list(zip(prompts, seeds)))
-        return torch.stack([torch.full((3, 2, 2), float(len(p) * 100 + s)) for p, s in zip(prompts, seeds)])
-
-    cache = PositiveCache(generate)
-    first = cache.get(["ab", "ab", "c"], [0, 0, 1])
-    assert calls == [[("ab", 0), ("c", 1)]] and first[:, 0, 0, 0].tolist() == [200, 200, 101]
-    second = cache.get(["c", "ab", "ab"], [1, 1, 0])
-    assert calls[1:] == [[("ab", 1)]] and second[:, 0, 0, 0].tolist() == [101, 201, 200] and len(cache) == 3
-    with pytest.raises(ValueError, match="one seed per prompt"):
-        cache.get(["a"], [0, 1])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_trainer import SMALL, models  # noqa: F401  (the module-scoped tiny models fixture)
 
-from rapid3.train.checkpoint import load_checkpoint
+from rapid3.common.checkpoint import load_checkpoint
 from rapid3.train.config import TrainConfig
 from rapid3.train.distributed import GroupStreams, World, world_from_env
 from rapid3.train.rollout import rollout

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rapid3.embedded import scenes
-from rapid3.embedded.scenes import COLORS, BACKGROUND, IMAGE_SIZE, ObjectSpec, Relation, parse_caption
+from rapid3.embedded.scenes import BACKGROUND, COLORS, IMAGE_SIZE, ObjectSpec, Relation, parse_caption
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,10 @@ from test_distributed import flags
 from test_trainer import SMALL, Fixed, models  # noqa: F401  (the module-scoped tiny models fixture)
 
 from rapid3.cli import main
-from rapid3.train.checkpoint import load_checkpoint
+from rapid3.common.checkpoint import load_checkpoint
+from rapid3.common.signals import StopSignals
 from rapid3.train.config import TrainConfig
-from rapid3.train.faults import StopSignals, drop_nonfinite_groups
+from rapid3.train.faults import drop_nonfinite_groups
 from rapid3.train.rollout import rollout
 from rapid3.train.trainer import build_run, rollout_rewards, train_iteration
 

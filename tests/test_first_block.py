@@ -7,9 +7,9 @@ import pytest
 import torch
 from test_teacache import drive, tiny  # noqa: F401  (the tiny backbone fixture)
 
+from rapid3.accel.controllers import FullCompute
 from rapid3.accel.sampler import Sampler
 from rapid3.baselines.first_block import FirstBlockCache
-from rapid3.baselines.steps import FullCompute
 
 
 def test_reference_moves_only_on_recompute():

@@ -9,7 +9,7 @@ import pytest
 
 from rapid3.embedded import scenes
 from rapid3.eval.evaluator import PAIRS, image_features, load_evaluator, to_model_space
-from rapid3.eval.metrics import frechet_distance, psnr, ssim
+from rapid3.rewards.metrics import frechet_distance, psnr, ssim
 
 
 def images(seed: int, n: int = 3) -> np.ndarray:

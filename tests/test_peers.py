@@ -9,10 +9,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from rapid3.accel.controllers import FullCompute
 from rapid3.accel.sampler import Sampler
 from rapid3.backbones import Conditioning, SD3Backbone
 from rapid3.baselines.peers import _FLOP_MAPPING, PeerHarness, explain_failure
-from rapid3.baselines.steps import FullCompute
 from rapid3.embedded.model import embedded_scheduler_config, embedded_transformer_config
 
 STEPS, GUIDANCE = 6, 4.0

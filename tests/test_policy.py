@@ -9,10 +9,10 @@ from tiny_pipelines import tiny_sd3_transformer
 from torch.distributions import Beta, Categorical
 
 from rapid3.accel.actions import Actions, Controller, Observation
+from rapid3.accel.controllers import UniformSteps
 from rapid3.accel.sampler import Sampler
-from rapid3.accel.sparse_attention import NUM_SPARSE_LEVELS
 from rapid3.backbones import Conditioning, SD3Backbone, TimeSchedule
-from rapid3.baselines.steps import UniformSteps
+from rapid3.backbones.sparse_attention import NUM_SPARSE_LEVELS
 from rapid3.policy import RapidPolicy
 from rapid3.train.grpo import group_advantages, grpo_loss
 

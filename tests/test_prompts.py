@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rapid3.prompts import read_prompts, split_prompts
+from rapid3.common.prompts import read_prompts, split_prompts
 
 
 def test_text_file_one_prompt_per_line(tmp_path):

@@ -14,12 +14,12 @@ from tiny_clip import save_tiny_clip
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline
 
 import rapid3
+from rapid3.accel.controllers import FullCompute
 from rapid3.accel.sampler import Sampler
-from rapid3.baselines.steps import FullCompute
 from rapid3.cli import main
+from rapid3.common.checkpoint import load_checkpoint
 from rapid3.generators import Generator, PipelineGenerator, load_pipeline
 from rapid3.policy import RapidPolicy
-from rapid3.train.checkpoint import load_checkpoint
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow square above a red circle"]
 SIZE = {"height": 32, "width": 32}

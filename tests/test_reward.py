@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from rapid3.common.checkpoint import CheckpointError, save_checkpoint
 from rapid3.embedded import reward, scenes
 from rapid3.embedded.reward import RewardModel, RewardTrainConfig
 from rapid3.embedded.scenes import parse_caption
 from rapid3.embedded.text_encoder import MiniLMTextEncoder
-from rapid3.train.checkpoint import CheckpointError, save_checkpoint
 
 TINY = dict(channels=(16, 32, 32), text_hidden=64, head_hidden=64)
 SINGLES_AND_COUNTS = [s for s in scenes.prompt_splits()["train"] if s.kind in ("single", "count")]

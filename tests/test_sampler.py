@@ -10,11 +10,11 @@ import torch
 from tiny_pipelines import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_sd3_transformer
 
 from rapid3.accel.actions import Actions, Observation, next_time_from_ratio, next_time_on_grid
+from rapid3.accel.controllers import FullCompute, UniformSteps
 from rapid3.accel.costs import MeasuredStepCosts, measure_step_costs
 from rapid3.accel.sampler import Sampler
-from rapid3.accel.sparse_attention import NUM_SPARSE_LEVELS, SPARSE_KEEP_FRACTIONS, default_block_size
 from rapid3.backbones import Conditioning, SD3Backbone, TimeSchedule, backbone_for
-from rapid3.baselines.steps import FullCompute, UniformSteps
+from rapid3.backbones.sparse_attention import NUM_SPARSE_LEVELS, SPARSE_KEEP_FRACTIONS, default_block_size
 
 PROMPTS = ["a red circle", "two blue squares"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rapid3.accel.sparse_attention import (
+from rapid3.backbones.sparse_attention import (
     NUM_SPARSE_LEVELS,
     SPARSE_KEEP_FRACTIONS,
     BlockLayout,

@@ -9,9 +9,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from rapid3.accel.actions import Observation
+from rapid3.accel.controllers import FullCompute
 from rapid3.accel.sampler import Sampler
 from rapid3.backbones import Conditioning, SD3Backbone, TimeSchedule
-from rapid3.baselines.steps import FullCompute
 from rapid3.baselines.teacache import TeaCache, calibrate, relative_l1
 from rapid3.embedded.model import embedded_scheduler_config, embedded_transformer_config
 

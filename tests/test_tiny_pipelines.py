@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
-
 from tiny_pipelines import (
     tiny_flux_pipeline,
     tiny_flux_transformer,

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rapid3.common.checkpoint import CheckpointError, save_checkpoint
 from rapid3.embedded.model import embedded_info, load_embedded
 from rapid3.embedded.pipeline import EmbeddedPipeline
 from rapid3.embedded.scenes import IMAGE_SIZE, parse_caption
@@ -23,7 +24,6 @@ from rapid3.embedded.train_generator import (
     training_captions,
     training_times,
 )
-from rapid3.train.checkpoint import CheckpointError, save_checkpoint
 
 TINY = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8, caption_projection_dim=16)
 

@@ -25,8 +25,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     import diffusers
 
-    from .accel.sparse_attention import SPARSE_KEEP_FRACTIONS
     from .backbones import ADAPTERS
+    from .backbones.sparse_attention import SPARSE_KEEP_FRACTIONS
 
     print(f"rapid3 {__version__} | torch {torch.__version__} | diffusers {diffusers.__version__}")
     print("backbones: " + ", ".join(f"{a.family} ({a.expected_class.__name__})" for a in ADAPTERS))
@@ -49,9 +49,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from .accel.controllers import FullCompute, UniformSteps
     from .accel.sampler import Sampler
-    from .baselines.steps import FixedIntervalCache, FullCompute, StaticSparse, UniformSteps
-    from .demo import random_sd3_setup
+    from .backbones.random_sd3 import random_sd3_setup
+    from .baselines.steps import FixedIntervalCache, StaticSparse
 
     backbone, noise, cond, uncond = random_sd3_setup(args.tokens, args.layers, args.batch)
     sampler = Sampler(backbone, step_cap=args.steps, progress=True)
@@ -144,8 +145,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def _generate_prompts(args: argparse.Namespace) -> list[str]:
     """The positional prompt or the prompt file's, checked before any model loads."""
+    from .common.prompts import read_prompts
     from .embedded.pipeline import check_prompt_text
-    from .prompts import read_prompts
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise ValueError("give a prompt or --prompt-file (one of them).")
@@ -194,7 +195,7 @@ def _generate_embedded(args: argparse.Namespace, prompts: list[str], policy: Rap
 
 def _generate_with_pipeline(args: argparse.Namespace, prompts: list[str], policy: RapidPolicy | None):
     """(image, seconds, summary) per prompt from a diffusers pipeline under ``rapid3.accelerate``, one call each."""
-    from .baselines.steps import FullCompute
+    from .accel.controllers import FullCompute
     from .generators import load_pipeline
     from .pipelines import accelerate
 
@@ -305,8 +306,8 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     """`rapid3 bench --pipeline`: the trainer's held-out evaluation, on the prompt file, written as JSON."""
     import json
 
+    from .common.prompts import read_prompts
     from .generators import PipelineGenerator, resolve_device
-    from .prompts import read_prompts
     from .policy.shipped import load_policy
     from .rewards.clip import CLIPScore
     from .train.config import TrainConfig

@@ -29,10 +29,10 @@ from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 from torch import Tensor
 
 from .accel.actions import Actions, Controller, Observation
+from .accel.controllers import FullCompute
 from .accel.costs import MeasuredStepCosts, SampleStats, measure_step_costs
 from .backbones.base import Conditioning
 from .backbones.diffusers_dit import DiffusersDiT
-from .baselines.steps import FullCompute
 from .embedded.checker import checker_accuracy
 from .embedded.pipeline import EmbeddedPipeline, initial_noise, to_uint8
 from .embedded.scenes import parse_caption

@@ -116,7 +116,7 @@ def interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int) 
 @torch.no_grad()
 def measure_step_costs(backbone, latents: torch.Tensor, cond, *, repeats: int = 5) -> MeasuredStepCosts:
     """Time one forward of ``latents`` (all rows) per action, interleaved; ratios to the full step."""
-    from .sparse_attention import NUM_SPARSE_LEVELS
+    from ..backbones.sparse_attention import NUM_SPARSE_LEVELS
 
     sigma = torch.full((latents.shape[0],), 0.5)
     residual = backbone.forward(latents, sigma, cond).residual

@@ -10,9 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, Conditioning, TimeSchedule
+from ..backbones.sparse_attention import NUM_SPARSE_LEVELS
 from .actions import Actions, Controller, Observation
 from .costs import MeasuredStepCosts, SampleStats, StepRecord
-from .sparse_attention import NUM_SPARSE_LEVELS
 
 
 @dataclass

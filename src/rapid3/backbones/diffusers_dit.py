@@ -19,8 +19,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..accel.sparse_attention import attention_flops, check_level
 from .base import BackboneOutput, Conditioning, TimeSchedule
+from .sparse_attention import attention_flops, check_level
 
 _HOOK_BLOCK = "rapid3_block"
 _HOOK_STACK_OUTPUT = "rapid3_stack_output"

@@ -9,9 +9,9 @@ from diffusers import FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-from ..accel.sparse_attention import sparse_attention
 from .base import Conditioning
 from .diffusers_dit import DiffusersDiT, ForwardState
+from .sparse_attention import sparse_attention
 
 
 class SparseFluxAttnProcessor:

@@ -9,9 +9,9 @@ import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.models.attention_processor import Attention
 
-from ..accel.sparse_attention import sparse_attention
 from .base import Conditioning
 from .diffusers_dit import DiffusersDiT, ForwardState
+from .sparse_attention import sparse_attention
 
 
 class SparseJointAttnProcessor:

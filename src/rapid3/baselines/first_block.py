@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..accel.actions import Actions, Observation
-from .steps import UniformSteps
+from ..accel.controllers import UniformSteps
 from .teacache import relative_l1
 
 

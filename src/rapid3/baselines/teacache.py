@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from ..accel.actions import Actions, Observation
+from ..accel.controllers import FullCompute, UniformSteps
 from ..accel.sampler import Sampler
 from ..backbones.base import Conditioning
-from .steps import FullCompute, UniformSteps
 
 IDENTITY = (1.0, 0.0)  # rescaling polynomial of an uncalibrated TeaCache: the raw relative change
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..baselines.steps import UniformSteps
+from ..accel.controllers import UniformSteps
 from .checker import CheckResult, check, checker_accuracy, relation_outcome
 from .grid import caption_grid
 from .pipeline import EmbeddedPipeline

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from ..accel.actions import Controller
+from ..accel.controllers import FullCompute
 from ..accel.costs import MeasuredStepCosts, SampleStats
-from ..accel.sampler import SampleResult, Sampler
+from ..accel.sampler import Sampler, SampleResult
 from ..backbones import Conditioning, SD3Backbone
-from ..baselines.steps import FullCompute
 from .model import GUIDANCE_SCALE, SAMPLING_STEPS, embedded_info, load_embedded
 from .scenes import IMAGE_SIZE
 from .text_encoder import MAX_TOKENS, UNCONDITIONAL_PROMPT, CaptionConditioning, MiniLMTextEncoder, TextEncoder

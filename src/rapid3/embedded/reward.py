@@ -46,11 +46,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from rapid3.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rapid3.embedded import scenes
 from rapid3.embedded.scenes import Relation, SceneSpec
 from rapid3.embedded.text_encoder import HIDDEN_DIM, MAX_TOKENS, MiniLMTextEncoder
 from rapid3.embedded.train_generator import _StopFlag, to_model_space
-from rapid3.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 REWARD_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "reward"
 CHECKPOINT = "checkpoint.pt"

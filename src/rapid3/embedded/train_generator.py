@@ -39,6 +39,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from rapid3.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rapid3.embedded import scenes
 from rapid3.embedded.grid import caption_grid
 from rapid3.embedded.model import GUIDANCE_SCALE, SAMPLING_STEPS, embedded_scheduler_config, embedded_transformer_config
@@ -50,7 +51,6 @@ from rapid3.embedded.text_encoder import (
     TextEncoder,
     save_encodings,
 )
-from rapid3.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "rapid3-generator-checkpoint/1"

@@ -32,18 +32,20 @@ import torch
 from tqdm.auto import tqdm
 
 from ..accel.actions import Controller
+from ..accel.controllers import FullCompute, UniformSteps
 from ..accel.costs import StepRecord
-from ..accel.sampler import SampleResult, Sampler
+from ..accel.sampler import Sampler, SampleResult
 from ..backbones.base import Conditioning
 from ..baselines.first_block import FirstBlockCache
 from ..baselines.peers import PEERS, PeerHarness, explain_failure
-from ..baselines.steps import FixedIntervalCache, FullCompute, StaticSparse, UniformSteps
+from ..baselines.steps import FixedIntervalCache, StaticSparse
 from ..baselines.teacache import TeaCache, calibrate
 from ..embedded import scenes
 from ..embedded.checker import check
 from ..embedded.model import GUIDANCE_SCALE, SAMPLING_STEPS, WEIGHTS_DIR, embedded_info, load_embedded
 from ..embedded.pipeline import EmbeddedPipeline, initial_noise, to_uint8
-from . import metrics, plots, report
+from ..rewards import metrics
+from . import plots, report
 from .evaluator import image_features, load_evaluator
 
 Scorer = Callable[[np.ndarray, list[str]], Sequence[float]]

@@ -30,9 +30,9 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
 from ..accel.actions import Actions, Observation, check_step_schedule, next_time_from_ratio, next_time_on_grid
-from ..accel.sparse_attention import NUM_SPARSE_LEVELS
+from ..accel.controllers import UniformSteps
 from ..backbones.diffusers_dit import DiffusersDiT
-from ..baselines.steps import UniformSteps
+from ..backbones.sparse_attention import NUM_SPARSE_LEVELS
 from . import heads
 from .features import STATE_FEATURES, state_features, token_features
 from .heads import ActionDistribution, Decision

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from ..train.discriminator import ModuleDiscriminator
+from .discriminator import ModuleDiscriminator
 
 CLIP_SCORE_WEIGHT = 2.5
 """Hessel et al.'s CLIPScore weight w in w * max(cos, 0): matching pairs (cos ~0.3) land near 0.75."""

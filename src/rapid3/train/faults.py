@@ -1,21 +1,10 @@
-"""Training that survives what goes wrong: stop signals and rollouts that blow up.
-
-- ``StopSignals``: SIGTERM (a scheduler's preemption, torchrun's shutdown) or SIGINT (Ctrl-C)
-  asks the trainer to stop after the iteration in progress; it then writes a final checkpoint and
-  exits. Later signals are only logged, because torchrun forwards the signal it gets to workers
-  that already received it from the terminal; SIGKILL still stops at once, losing at most the
-  iterations since the last checkpoint (one, with ``checkpoint_every: 1``).
-- ``drop_nonfinite_groups``: a group with a NaN or infinity in any image, reward term or
-  log-prob is removed before it reaches the advantages, the update or the replay buffers.
-"""
+"""Training that survives rollouts that blow up: ``drop_nonfinite_groups`` removes a group with a NaN or
+infinity in any image, reward term or log-prob before it reaches the advantages, the update or the
+replay buffers. (Stop signals: ``rapid3.common.signals``.)"""
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-from types import FrameType, TracebackType
-from typing import Self
 
 import torch
 from torch import Tensor
@@ -23,35 +12,6 @@ from torch import Tensor
 from .rollout import Rollouts
 
 logger = logging.getLogger("rapid3.train")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class StopSignals:
-    """While entered, SIGTERM / SIGINT set ``received`` (the first signal's number; 0: none) instead of
-    killing the process. Outside the main thread, where handlers cannot be set, it does nothing."""
-
-    def __init__(self) -> None:
-        self.received = 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> Self:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.received:
-            logger.warning("%s: already stopping after this iteration (SIGKILL stops at once; the last "
-                           "checkpoint stays good).", name)
-            return
-        self.received = signum
-        logger.warning("%s: stopping after the iteration in progress; a final checkpoint follows.", name)
 
 
 def drop_nonfinite_groups(rollouts: Rollouts, scores: dict[str, Tensor]) -> tuple[Rollouts, dict[str, Tensor], int]:

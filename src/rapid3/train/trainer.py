@@ -53,24 +53,26 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..accel.controllers import FullCompute
 from ..accel.costs import MeasuredStepCosts
-from ..baselines.steps import FullCompute
+from ..common.checkpoint import load_checkpoint, save_checkpoint
+from ..common.prompts import read_prompts, split_prompts
+from ..common.signals import StopSignals
 from ..embedded.pipeline import EmbeddedPipeline
 from ..embedded.reward import RewardModel, load_reward_model
 from ..embedded.scenes import SceneSpec, evaluation_prompts, sample_scene
 from ..embedded.text_encoder import MiniLMTextEncoder
-from ..eval.metrics import ssim_tensor
 from ..generators import Checker, EmbeddedGenerator, Generation, Generator, PipelineGenerator, resolve_device
 from ..policy import RapidPolicy
-from ..prompts import read_prompts, split_prompts
 from ..rewards.clip import CLIPAdapterDiscriminator, CLIPScore
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..rewards.discriminator import Discriminator, ImageDiscriminator, ModuleDiscriminator
+from ..rewards.metrics import ssim_tensor
 from .config import CONFIG_FILE, POLICY_FIELDS, TrainConfig
 from .curves import CURVES, plot_curves, read_log
-from .discriminator import Discriminator, ImageDiscriminator, ModuleDiscriminator, ReplayBuffer
 from .distributed import MINIBATCHES, RANKS, AveragedGradients, GroupStreams, World, joined_world, stream_seed
-from .faults import StopSignals, drop_nonfinite_groups, logger
+from .faults import drop_nonfinite_groups, logger
 from .grpo import discounted_reward, group_advantages, grpo_loss, zero_spread_fraction
+from .replay import ReplayBuffer
 from .rollout import Rollouts, rollout
 
 CHECKPOINT, LOG, TENSORBOARD, EXPORT = "checkpoint.pt", "log.jsonl", "tensorboard", "policy"

@@ -5,13 +5,8 @@ policy from gaming the reward model alone. Trained with cross-entropy, alternati
 updates::
 
     disc = ModuleDiscriminator(ImageDiscriminator())
-    buffer = ReplayBuffer(capacity=4096, seed=0)
-    originals = PositiveCache(generate_full_compute)      # (prompts, seeds) -> images, cached
-    ...
-    rollouts = ...                                          # the policy's images for prompts, seeds
-    d = disc.score(rollouts)                                # reward term, no grad
-    buffer.push(rollouts)
-    disc.step(originals.get(prompts, seeds), buffer.sample(len(prompts)))
+    d = disc.score(rollouts)                  # reward term, no grad
+    disc.step(full_compute_images, rollouts)  # the trainer draws both from replay buffers (train/replay.py)
 
 The trainer talks to the :class:`Discriminator` protocol only, so the CLIP-vision-encoder +
 adapter discriminator of real pipelines can replace the embedded conv net without touching it;
@@ -20,7 +15,6 @@ any module mapping images to logits can already be wrapped by :class:`ModuleDisc
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -128,91 +122,3 @@ class ModuleDiscriminator:
         """Restore what :meth:`state_dict` returned."""
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-class ReplayBuffer:
-    """The latest ``capacity`` negative images (FIFO), sampled uniformly with a seeded generator.
-
-    Images are stored detached, on CPU, in the dtype pushed. Mixing older rollouts into each
-    discriminator step keeps it from forgetting what the policy did a few updates ago.
-    """
-
-    def __init__(self, capacity: int, seed: int = 0) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}.")
-        self.capacity = capacity
-        self.generator = torch.Generator().manual_seed(seed)
-        self._images: Tensor | None = None  # ring storage, allocated on the first push
-        self._next = 0  # slot the next image goes to
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def push(self, images: Tensor) -> None:
-        """Add images (B, ...); once full, each new image replaces the oldest."""
-        images = images.detach().cpu()[-self.capacity:]  # more than capacity at once: only the newest stay
-        if self._images is None:
-            self._images = images.new_empty((self.capacity, *images.shape[1:]))
-        elif images.shape[1:] != self._images.shape[1:]:
-            raise ValueError(f"images of shape {tuple(images.shape[1:])} pushed into a buffer of "
-                             f"{tuple(self._images.shape[1:])}.")
-        slots = (self._next + torch.arange(len(images))) % self.capacity
-        self._images[slots] = images.to(self._images.dtype)
-        self._next = (self._next + len(images)) % self.capacity
-        self._size = min(self.capacity, self._size + len(images))
-
-    def contents(self) -> Tensor:
-        """All stored images, oldest first."""
-        if self._images is None:
-            raise ValueError("the replay buffer is empty.")
-        start = (self._next - self._size) % self.capacity
-        return self._images[(start + torch.arange(self._size)) % self.capacity]
-
-    def sample(self, n: int) -> Tensor:
-        """``min(n, len(self))`` distinct stored images, uniformly at random."""
-        if self._size == 0:
-            raise ValueError("cannot sample from an empty replay buffer; push rollouts first.")
-        picked = torch.randperm(self._size, generator=self.generator)[:n]
-        return self.contents()[picked]
-
-    def state_dict(self) -> dict[str, Any]:
-        """Capacity, the images (oldest first) and the sampling RNG."""
-        return {"capacity": self.capacity, "images": self.contents() if self._size else None,
-                "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (the capacity must match)."""
-        if state["capacity"] != self.capacity:
-            raise ValueError(f"state is for capacity {state['capacity']}, this buffer holds {self.capacity}.")
-        self._images, self._next, self._size = None, 0, 0
-        if state["images"] is not None:
-            self.push(state["images"])
-        self.generator.set_state(state["generator"])
-
-
-class PositiveCache:
-    """Full-compute images per (prompt, seed), generated on first request and kept.
-
-    ``generate(prompts, seeds)`` must return one image per pair, image i depending only on
-    ``(prompts[i], seeds[i])``; GRPO revisits the same prompt and noise, so each original is
-    sampled once.
-    """
-
-    def __init__(self, generate: Callable[[list[str], list[int]], Tensor]) -> None:
-        self.generate = generate
-        self._images: dict[tuple[str, int], Tensor] = {}
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def get(self, prompts: list[str], seeds: list[int]) -> Tensor:
-        """Images (B, ...) for the pairs, generating the missing ones in one call."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; give one seed per prompt.")
-        keys = list(zip(prompts, seeds))
-        missing = list(dict.fromkeys(k for k in keys if k not in self._images))
-        if missing:
-            images = self.generate([p for p, _ in missing], [s for _, s in missing])
-            self._images.update(zip(missing, images.detach().cpu()))
-        return torch.stack([self._images[k] for k in keys])
