@@ -1,0 +1,35 @@
+"""The ``rapid3`` command line: one module per command (``info`` and ``demo``, ``generate``, ``train``,
+``bench``), each adding its parser with ``add(sub)``; ``main`` turns the errors a user can fix into one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from . import bench, generate, info, train
+
+COMMANDS = [info.add_info, info.add_demo, generate.add_generate, train.add_train, bench.add_bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rapid3", description="Learned per-image, per-step acceleration for diffusion transformers.")
+    parser.add_argument("--version", action="version", version=f"rapid3 {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"rapid3 {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

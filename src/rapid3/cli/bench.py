@@ -1,0 +1,100 @@
+"""`rapid3 bench`: every method side by side on the embedded model, or a policy against full compute on a
+diffusers pipeline."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_pipeline_arguments, check_pipeline_flags
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "bench", help="benchmark acceleration methods on the embedded model: JSON, Markdown report, plots",
+        description="Runs every registered method over its knob (uniform steps, FORA, TeaCache, FirstBlockCache, "
+                    "static sparse attention on rapid3's sampler loop; diffusers' MagCache, TaylorSeer, PAB and "
+                    "FirstBlockCache hooks on a peer harness) on the same prompts and seeds, and reports checker "
+                    "accuracy, PSNR/SSIM against full compute, Frechet distance, equivalent steps, FLOPs and "
+                    "interleaved median latency.")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for the report, JSON and plots")
+    parser.add_argument("--model", type=Path, default=None, help="an exported embedded model folder (default: shipped)")
+    parser.add_argument("--quick", action="store_true", help="a few prompts and short sweeps: a few minutes")
+    parser.add_argument("--methods", default=None, help="comma-separated method names (default all; --list-methods)")
+    parser.add_argument("--list-methods", action="store_true", help="print the registered methods and their knobs")
+    parser.add_argument("--sweep", action="append", metavar="METHOD=V1,V2",
+                        help="a method's knob values instead of its default sweep (repeatable), e.g. --sweep fora=2,4")
+    parser.add_argument("--prompts", type=int, default=None, help="held-out prompts (default 200; --quick 4)")
+    parser.add_argument("--singles", type=int, default=None, help="single-object prompts added (default 25; --quick 2)")
+    parser.add_argument("--seed", type=int, default=None, help="image i is seeded SEED + i (default 0)")
+    parser.add_argument("--repeats", type=int, default=None, help="latency rounds (default 5; --quick 2)")
+    parser.add_argument("--timing-images", type=int, default=None, help="images timed per round (default 3; --quick 1)")
+    parser.add_argument("--batch", type=int, default=None, help="images per sampler call in the quality pass")
+    parser.add_argument("--calibration", type=Path, default=None, help="reuse an earlier run's calibration.json")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 avoids oversubscription on a busy machine")
+    parser.add_argument("--policy", default=None, metavar="NAME_OR_PATH[,...]",
+                        help="trained RAPID3 policies (shipped names or RUN/policy folders), benchmarked as one method "
+                             "swept over the lambda each was trained with (default: the shipped 'default' policy); "
+                             "with --pipeline, the one policy to compare with full compute")
+    parser.add_argument("--tpdm", default=None, metavar="PATH[,...]",
+                        help="step-only policies (`rapid3 train --no-cache-reuse --no-sparse-attention`): the TPDM "
+                             "baseline")
+    parser.add_argument("--reward", default="rapid3.embedded.reward:score_images", metavar="MODULE:FUNCTION",
+                        help="reward model: f(uint8 images, prompts) -> scores (default: the shipped reward model)")
+    parser.add_argument("--discriminator", default=None, metavar="MODULE:FUNCTION",
+                        help="discriminator: f(images, prompts)")
+    add_pipeline_arguments(parser)
+    group = parser.add_argument_group(
+        "with --pipeline: a trained policy against full compute on a prompt file (equivalent steps, FLOP and "
+        "denoiser wall-clock speedups, CLIP score); also reads --out, --prompts (first N, default all), --batch")
+    group.add_argument("--prompt-file", type=Path, default=None, help=".txt (one per line) or .jsonl prompts")
+    group.add_argument("--reward-model", default=None, metavar="PATH_OR_ID", help="a CLIPModel for the CLIP score")
+    group.add_argument("--steps", type=int, default=28, help="step cap (use the policy's training step_cap)")
+    group.add_argument("--guidance", type=float, default=4.0,
+                       help="guidance scale (use the policy's training guidance_scale; default 4.0 as rapid3 train)")
+    parser.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    if args.pipeline is not None:
+        return _bench_pipeline(args)
+    from ..eval.bench import run_cli
+
+    return run_cli(args)
+
+
+def _bench_pipeline(args: argparse.Namespace) -> int:
+    """`rapid3 bench --pipeline`: the trainer's held-out evaluation, on the prompt file, written as JSON."""
+    import json
+
+    from ..common.prompts import read_prompts
+    from ..generators import PipelineGenerator, resolve_device
+    from ..policy.shipped import load_policy
+    from ..rewards.clip import CLIPScore
+    from ..train.config import TrainConfig
+    from ..train.trainer import evaluate
+
+    check_pipeline_flags(args)
+    if args.prompt_file is None or args.policy is None:
+        raise ValueError("bench --pipeline compares a policy with full compute: give --prompt-file and --policy.")
+    prompts = read_prompts(args.prompt_file)[:args.prompts]
+    cfg = TrainConfig(step_cap=args.steps, guidance_scale=args.guidance, eval_batch=args.batch or 4)
+    policy = load_policy(args.policy)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    quality = None if args.reward_model is None else CLIPScore.from_pretrained(args.reward_model, device=device)
+    generator = PipelineGenerator.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype,
+                                                  height=args.height, width=args.width)
+    policy.check_backbone(generator.backbone)
+    metrics = evaluate(generator, policy.to(device), prompts, cfg, quality)
+    settings = {"pipeline": args.pipeline, "policy": args.policy, "prompts": len(prompts), "steps": args.steps,
+                "guidance": args.guidance, "reward_model": args.reward_model}
+    (args.out / "pipeline_bench.json").write_text(json.dumps({"settings": settings, "metrics": metrics}, indent=2))
+    print("| method | equivalent steps | FLOP speedup | wall-clock speedup | CLIP score |\n|---|---|---|---|---|")
+    clip = lambda key: "-" if key not in metrics else f"{metrics[key]:.3f}"  # noqa: E731
+    print(f"| full compute | {args.steps} | 1.00x | 1.00x | {clip('eval/quality_full')} |")
+    print(f"| rapid3 policy | {metrics['eval/equivalent_steps']:.2f} | {metrics['eval/speedup_flops']:.2f}x | "
+          f"{metrics['eval/speedup_wall']:.2f}x | {clip('eval/quality')} |")
+    print(f"wrote {args.out / 'pipeline_bench.json'}")
+    return 0
