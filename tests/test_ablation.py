@@ -6,8 +6,8 @@ import json
 
 from test_trainer import SMALL, models  # noqa: F401  (the tiny model and reward model fixtures)
 
-from rapid3.eval import ablation
 from rapid3.policy import RapidPolicy
+from rapid3.train import ablation
 from rapid3.train.config import TrainConfig
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rapid3.cli import main
-from rapid3.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rapid3.common import checkpoint
+from rapid3.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rapid3.train.config import TrainConfig
 
 STATE = {"iteration": 3, "policy": {"w": torch.arange(6.0)}, "rng": {"state": 2**100, "name": "PCG64"}}

@@ -10,7 +10,7 @@ from PIL import Image
 from tiny_clip import IMAGE_SIZE, save_tiny_clip
 from transformers import CLIPImageProcessor, CLIPModel, CLIPVisionModel
 
-from rapid3.rewards import CLIPAdapterDiscriminator, CLIPPixels, CLIPScore
+from rapid3.rewards.clip import CLIPAdapterDiscriminator, CLIPPixels, CLIPScore
 from rapid3.rewards.discriminator import Discriminator
 
 PROMPTS = ["a red circle", "two blue squares", "a red circle"]

@@ -90,8 +90,8 @@ def test_a_groups_trajectories_do_not_depend_on_the_batch_they_are_sampled_in(mo
     prompts, seeds = ["a red circle", "two blue squares"], [5, 9]
 
     def sample(prompts: list[str], seeds: list[int]):
-        return rollout(run.pipe, GroupStreams(run.policy, seeds, 3), prompts, seeds, group_size=3, step_cap=5,
-                       guidance_scale=4.0)
+        return rollout(run.source.generator, GroupStreams(run.policy, seeds, 3), prompts, seeds, group_size=3,
+                       step_cap=5, guidance_scale=4.0)
 
     together = sample(prompts, seeds)
     apart = [sample([p], [s]) for p, s in zip(prompts, seeds)]

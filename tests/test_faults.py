@@ -91,7 +91,7 @@ def test_the_stop_request_waits_for_the_loop_and_restores_the_handlers():
 def test_a_group_with_a_nan_is_dropped_with_a_warning(small, caplog):
     run = build_run(small)
     before = [p.detach().clone() for p in run.policy.parameters()]
-    run.quality = Fixed([float("nan"), 1.0, 0.5, 0.2])  # the first trajectory of the first group
+    run.source.quality = Fixed([float("nan"), 1.0, 0.5, 0.2])  # the first trajectory of the first group
     with caplog.at_level(logging.WARNING, logger="rapid3.train"):
         metrics = train_iteration(run, ["a red circle", "a blue square"], [0, 1])
     assert "dropped the rollouts of 'a red circle' (seed 0)" in caplog.text
@@ -100,15 +100,16 @@ def test_a_group_with_a_nan_is_dropped_with_a_warning(small, caplog):
     assert all(p.isfinite().all() for p in after) and any(not torch.equal(a, b) for a, b in zip(after, before))
     assert len(run.negatives) == small.group_size and run.negatives.contents().isfinite().all()
 
-    run.quality = Fixed([float("inf")] * 4)
+    run.source.quality = Fixed([float("inf")] * 4)
     with pytest.raises(ValueError, match="every rollout of iteration 1 has a NaN or infinity"):
         train_iteration(run, ["a red circle", "a blue square"], [0, 1])
 
 
 def test_nan_images_and_log_probs_drop_their_group(small):
     run = build_run(small)
-    rollouts = rollout(run.pipe, run.policy, ["a red circle", "a blue square", "two green circles"], [0, 1, 2],
-                       group_size=2, step_cap=4, guidance_scale=4.0)
+    prompts = ["a red circle", "a blue square", "two green circles"]
+    rollouts = rollout(run.source.generator, run.policy, prompts, [0, 1, 2], group_size=2, step_cap=4,
+                       guidance_scale=4.0)
     rollouts.images[1, 0, 3, 3] = float("nan")
     rollouts.old_log_probs[5, 0] = float("-inf")
     scores = rollout_rewards(rollouts, Fixed([0.5] * 6), None, lam=0.9, omega=1.0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rapid3.train.grpo import discounted_reward, group_advantages, grpo_loss, zero_spread_fraction
+from rapid3.rewards.composite import discounted_reward
+from rapid3.train.grpo import group_advantages, grpo_loss, zero_spread_fraction
 
 
 @pytest.mark.parametrize("lam, omega", [(0.97, 1.0), (0.8, 0.5), (0.5, 0.0)])

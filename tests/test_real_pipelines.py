@@ -18,8 +18,9 @@ from rapid3.accel.controllers import FullCompute
 from rapid3.accel.sampler import Sampler
 from rapid3.cli import main
 from rapid3.common.checkpoint import load_checkpoint
-from rapid3.generators import Generator, PipelineGenerator, load_pipeline
 from rapid3.policy import RapidPolicy
+from rapid3.worlds import Generator
+from rapid3.worlds.pipeline import PipelineGenerator, load_pipeline
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle", "a yellow square above a red circle"]
 SIZE = {"height": 32, "width": 32}
@@ -172,7 +173,7 @@ def test_unsupported_pipelines_and_missing_models_fail_before_any_sampling(saved
         load_pipeline(tmp_path / "no-such-pipeline")
     common = ["train", "--pipeline", str(saved / "sd3"), "--prompt-file", str(saved / "prompts.txt"), *TRAIN]
     # the CLIP models load before the pipeline, so a missing one is reported without loading it
-    monkeypatch.setattr("rapid3.generators.load_pipeline", lambda *a, **k: pytest.fail("loaded the pipeline"))
+    monkeypatch.setattr("rapid3.worlds.pipeline.load_pipeline", lambda *a, **k: pytest.fail("loaded the pipeline"))
     cases = [
         (["--reward-model", str(tmp_path / "no-clip"), "--out", str(tmp_path / "a")], "no-clip"),
         (["--reward", "d", "--disc-model", str(tmp_path / "no-disc-clip"), "--out", str(tmp_path / "b")],

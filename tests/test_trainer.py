@@ -15,21 +15,14 @@ from rapid3.cli import build_parser, main
 from rapid3.common.checkpoint import load_checkpoint
 from rapid3.embedded.pipeline import EmbeddedPipeline
 from rapid3.embedded.reward import RewardModel
-from rapid3.generators import EmbeddedGenerator
 from rapid3.policy import RapidPolicy
+from rapid3.rewards.composite import discounted_reward, fidelity
 from rapid3.train.config import TrainConfig, config_from_args
 from rapid3.train.curves import main as curves_main
 from rapid3.train.curves import read_log
-from rapid3.train.grpo import discounted_reward
 from rapid3.train.rollout import rollout
-from rapid3.train.trainer import (
-    build_run,
-    fidelity,
-    rollout_rewards,
-    train,
-    train_iteration,
-    training_prompts,
-)
+from rapid3.train.trainer import build_run, rollout_rewards, train, train_iteration
+from rapid3.worlds.embedded import EmbeddedGenerator, heldout_prompts
 
 SMALL = {"iterations": 2, "prompts_per_iteration": 2, "group_size": 2, "step_cap": 4, "hidden_dim": 16,
          "disc_width": 8, "disc_batch": 4, "replay_capacity": 16, "eval_every": 1, "eval_prompts": 2, "eval_batch": 2,
@@ -171,11 +164,11 @@ class Fixed:
 def test_reward_options_use_exactly_their_terms(small, reward, tmp_path):
     run = build_run(small.replace(out=str(tmp_path), reward=reward, omega=0.5,
                                   reward_model=small.reward_model if "q" in reward else str(tmp_path / "absent")))
-    assert (run.quality is None) == ("q" not in reward) and (run.disc is None) == ("d" not in reward)
-    rollouts = rollout(run.pipe, run.policy, ["a red circle", "a blue square"], [0, 1], group_size=2, step_cap=4,
+    assert (run.source.quality is None) == ("q" not in reward) and (run.source.discriminator is None) == ("d" not in reward)
+    rollouts = rollout(run.source.generator, run.policy, ["a red circle", "a blue square"], [0, 1], group_size=2, step_cap=4,
                        guidance_scale=4.0)
     q, d = Fixed([0.9, 0.6, 0.3, 0.2]), Fixed([0.2, 0.4, 0.8, 1.0])
-    scores = rollout_rewards(rollouts, q if run.quality else None, d if run.disc else None, lam=0.9, omega=0.5)
+    scores = rollout_rewards(rollouts, q if run.source.quality else None, d if run.source.discriminator else None, lam=0.9, omega=0.5)
     expected_q = q.values if "q" in reward else torch.zeros(4)
     expected_d = d.values if "d" in reward else torch.zeros(4)
     expected = discounted_reward(expected_q, expected_d, rollouts.equivalent_steps, lam=0.9, omega=0.5)
@@ -217,8 +210,8 @@ def test_rollout_groups_share_noise_and_stack_into_the_padded_layout(small):
 def test_the_loop_learns_to_spend_less_when_only_compute_is_rewarded(small, tmp_path):
     """Constant quality: r falls with K alone, so GRPO must raise reuse and sparsity."""
     run = build_run(small.replace(out=str(tmp_path), reward="q", group_size=4, lr=3e-2, lam=0.7))
-    run.quality = Fixed([1.0] * 8)
-    probe = rollout(run.pipe, run.policy, ["a red circle", "two blue squares"], [0, 1], group_size=4, step_cap=4,
+    run.source.quality = Fixed([1.0] * 8)
+    probe = rollout(run.source.generator, run.policy, ["a red circle", "two blue squares"], [0, 1], group_size=4, step_cap=4,
                     guidance_scale=4.0)
 
     def reuse_and_dense() -> tuple[float, float]:
@@ -229,7 +222,7 @@ def test_the_loop_learns_to_spend_less_when_only_compute_is_rewarded(small, tmp_
 
     assert reuse_and_dense() == pytest.approx((0.2, 0.7))
     for _ in range(3):
-        metrics = train_iteration(run, *training_prompts(run.prompt_rng, 2))
+        metrics = train_iteration(run, *run.source.training_prompts(run.prompt_rng, 2))
     reuse, dense = reuse_and_dense()
     assert reuse > 0.5 and dense < 0.5
     assert metrics["train/equivalent_steps"] < 3.0
@@ -257,11 +250,11 @@ def test_measured_step_costs_price_k_and_survive_resume(small, tmp_path):
     cfg = small.replace(out=str(tmp_path / "run"), step_costs="measured", iterations=1)
     train(cfg)
     run = build_run(cfg, resume=True)
-    costs = run.pipe.step_costs
+    costs = run.source.generator.step_costs
     assert costs.of(False, 0) == 1.0 and 0 < costs.of(True, 0) < 1  # dense is the unit; reuse skips every block
     assert costs.to_rows() == load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step_costs"]
     reuse_after_first = FixedIntervalCache(interval=4)  # recompute step 1, reuse steps 2-4
-    stats = run.pipe.sample(["a red circle"], [0], reuse_after_first, step_cap=4, guidance_scale=4.0).stats
+    stats = run.source.generator.sample(["a red circle"], [0], reuse_after_first, step_cap=4, guidance_scale=4.0).stats
     assert stats.equivalent_steps.item() == pytest.approx(1 + 3 * costs.of(True, 0))
     with pytest.raises(ValueError, match="embedded model only"):
         TrainConfig(pipeline="x", prompt_file="p.txt", reward="d", disc_model="c", step_costs="measured")
@@ -287,8 +280,8 @@ def test_fidelity_rewards_closeness_to_full_compute(small, tmp_path):
     assert (fidelity(images, torch.rand(3, 3, 32, 32) * 2 - 1) < 0.2).all()
     assert (fidelity(images, -images) == 0).all()  # negative SSIM is clipped: the reward stays non-negative
     run = build_run(small.replace(out=str(tmp_path), reward="f", psi=2.0))
-    assert run.quality is None and run.disc is None
-    rollouts = rollout(run.pipe, run.policy, ["a red circle"], [0], group_size=2, step_cap=4, guidance_scale=4.0)
+    assert run.source.quality is None and run.source.discriminator is None
+    rollouts = rollout(run.source.generator, run.policy, ["a red circle"], [0], group_size=2, step_cap=4, guidance_scale=4.0)
     originals = rollouts.images[:1].clone()  # trajectory 0 is its own reference
     scores = rollout_rewards(rollouts, None, None, lam=0.9, omega=1.0, originals=originals, psi=2.0)
     assert scores["fidelity"][0] == pytest.approx(1.0)
@@ -316,8 +309,6 @@ def test_the_shipped_default_policy_was_trained_by_the_documented_config():
 
 def test_evaluation_prompts_cover_every_complexity():
     from rapid3.embedded.scenes import parse_caption
-    from rapid3.train.trainer import heldout_prompts
-
     specs = heldout_prompts(16)
     assert sum(s.kind == "single" for s in specs) == 2
     assert {parse_caption(s.caption).complexity for s in specs} == {1, 2, 3}

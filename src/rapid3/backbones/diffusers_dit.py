@@ -124,6 +124,11 @@ class DiffusersDiT:
         self._original_processors = transformer.attn_processors
         self._install()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the transformer's weights are (a policy for it goes there too)."""
+        return self.transformer.device
+
     # -- installation -------------------------------------------------------------------------
     def blocks(self) -> list[torch.nn.Module]:
         """Every transformer block, in execution order."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_pipeline_arguments, check_pipeline_flags
+from .common import add_pipeline_arguments, check_pipeline_flags, world_config
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
@@ -65,36 +65,30 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_pipeline(args: argparse.Namespace) -> int:
-    """`rapid3 bench --pipeline`: the trainer's held-out evaluation, on the prompt file, written as JSON."""
+    """`rapid3 bench --pipeline`: a policy against full compute side by side on the prompt file, written as JSON."""
+    import dataclasses
     import json
 
     from ..common.prompts import read_prompts
-    from ..generators import PipelineGenerator, resolve_device
+    from ..eval.side_by_side import SideBySideSettings, comparison_table, side_by_side
     from ..policy.shipped import load_policy
-    from ..rewards.clip import CLIPScore
-    from ..train.config import TrainConfig
-    from ..train.trainer import evaluate
+    from ..worlds import build_world
 
     check_pipeline_flags(args)
     if args.prompt_file is None or args.policy is None:
         raise ValueError("bench --pipeline compares a policy with full compute: give --prompt-file and --policy.")
     prompts = read_prompts(args.prompt_file)[:args.prompts]
-    cfg = TrainConfig(step_cap=args.steps, guidance_scale=args.guidance, eval_batch=args.batch or 4)
     policy = load_policy(args.policy)
     args.out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(args.device)
-    quality = None if args.reward_model is None else CLIPScore.from_pretrained(args.reward_model, device=device)
-    generator = PipelineGenerator.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype,
-                                                  height=args.height, width=args.width)
-    policy.check_backbone(generator.backbone)
-    metrics = evaluate(generator, policy.to(device), prompts, cfg, quality)
-    settings = {"pipeline": args.pipeline, "policy": args.policy, "prompts": len(prompts), "steps": args.steps,
-                "guidance": args.guidance, "reward_model": args.reward_model}
-    (args.out / "pipeline_bench.json").write_text(json.dumps({"settings": settings, "metrics": metrics}, indent=2))
-    print("| method | equivalent steps | FLOP speedup | wall-clock speedup | CLIP score |\n|---|---|---|---|---|")
-    clip = lambda key: "-" if key not in metrics else f"{metrics[key]:.3f}"  # noqa: E731
-    print(f"| full compute | {args.steps} | 1.00x | 1.00x | {clip('eval/quality_full')} |")
-    print(f"| rapid3 policy | {metrics['eval/equivalent_steps']:.2f} | {metrics['eval/speedup_flops']:.2f}x | "
-          f"{metrics['eval/speedup_wall']:.2f}x | {clip('eval/quality')} |")
+    world = build_world(dataclasses.replace(world_config(args), reward_model=args.reward_model,
+                                            quality=args.reward_model is not None))
+    policy.check_backbone(world.generator.backbone)
+    policy.to(world.generator.backbone.device)
+    settings = SideBySideSettings(step_cap=args.steps, guidance_scale=args.guidance, batch=args.batch or 4)
+    metrics = side_by_side(world.generator, policy, prompts, settings, world.quality)
+    run_settings = {"pipeline": args.pipeline, "policy": args.policy, "prompts": len(prompts), "steps": args.steps,
+                    "guidance": args.guidance, "reward_model": args.reward_model}
+    (args.out / "pipeline_bench.json").write_text(json.dumps({"settings": run_settings, "metrics": metrics}, indent=2))
+    print(comparison_table(metrics, args.steps))
     print(f"wrote {args.out / 'pipeline_bench.json'}")
     return 0

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..worlds import WorldConfig
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,3 +40,12 @@ def check_writable(path: Path) -> None:
         raise FileNotFoundError(f"The output folder {folder} does not exist; create it or choose another --out.")
     if not os.access(folder, os.W_OK):
         raise PermissionError(f"The output folder {folder} is not writable; choose another --out.")
+
+
+def world_config(args: argparse.Namespace) -> WorldConfig:
+    """The world ``generate`` and ``bench`` draw from: ``--pipeline`` with its device, dtype and size, or the
+    embedded ``--model``."""
+    from ..worlds import WorldConfig  # here: building the parser must stay cheap
+
+    return WorldConfig(model=None if args.model is None else str(args.model), pipeline=args.pipeline,
+                       device=args.device, dtype=args.dtype, height=args.height, width=args.width)

@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
-from .common import add_pipeline_arguments, check_pipeline_flags, check_writable
+from .common import add_pipeline_arguments, check_pipeline_flags, check_writable, world_config
 
 if TYPE_CHECKING:
     from ..policy import RapidPolicy
+    from ..worlds import Generator
 
 
 def add_generate(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +37,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     embedded = parser.add_argument_group("the embedded model")
     embedded.add_argument("--model", type=Path, default=None, help="an exported embedded model folder "
                                                                     "(default: the weights shipped in the package)")
-    embedded.add_argument("--scale", type=int, default=8, help="upscale the 32x32 image by this factor (nearest)")
+    parser.add_argument("--scale", type=int, default=None,
+                        help="upscale each image by this factor, nearest neighbour (default: 8 for the embedded "
+                             "model's 32x32 images, 1 for a pipeline's)")
     add_pipeline_arguments(parser)
     parser.set_defaults(run=_run_generate)
 
@@ -47,13 +48,17 @@ def _run_generate(args: argparse.Namespace) -> int:
     check_pipeline_flags(args)
     prompts = _generate_prompts(args)
     paths = _output_paths(args, len(prompts))
-    if args.scale < 1:
+    if args.scale is not None and args.scale < 1:
         raise ValueError(f"--scale must be >= 1, got {args.scale}.")
     from ..policy.shipped import load_policy
+    from ..worlds import build_world
 
     policy = None if args.policy is None else load_policy(args.policy)
-    generate = _generate_with_pipeline if args.pipeline else _generate_embedded
-    for path, (image, seconds, summary) in zip(paths, generate(args, prompts, policy)):
+    generator = build_world(world_config(args)).generator
+    if policy is not None:
+        policy.check_backbone(generator.backbone)
+        policy.to(generator.backbone.device)
+    for path, (image, seconds, summary) in zip(paths, _generate(generator, args, prompts, policy)):
         image.save(path)
         print(f"wrote {path} ({image.width}x{image.height}) in {seconds:.2f} s: {summary}")
     return 0
@@ -84,48 +89,26 @@ def _output_paths(args: argparse.Namespace, n: int) -> list[Path]:
     return [folder / f"{i:04d}.png" for i in range(n)]
 
 
-def _generate_embedded(args: argparse.Namespace, prompts: list[str], policy: RapidPolicy | None):
-    """(image, seconds, summary) per prompt from the embedded model, in one batch (seconds: the batch's share)."""
+def _generate(generator: Generator, args: argparse.Namespace, prompts: list[str], policy: RapidPolicy | None):
+    """(image, seconds, summary) per prompt, in batches of the generator's size (seconds: the batch's share);
+    image i from the noise of seed ``args.seed + i``."""
     from PIL import Image
 
-    from ..embedded.model import GUIDANCE_SCALE
-    from ..embedded.pipeline import EmbeddedPipeline
-
-    # A 3.5M-parameter model's ops are too small to split across threads, and on a busy 2-core
-    # machine a second thread stalls every op (measured: 28 steps in 4.7 s on one thread, 80 s on two).
-    torch.set_num_threads(1)
-    pipe = EmbeddedPipeline.from_pretrained(args.model)
-    if policy is not None:
-        policy.check_backbone(pipe.backbone)
-    guidance = GUIDANCE_SCALE if args.guidance is None else args.guidance
-    tic = time.perf_counter()
-    output = pipe(prompts, num_inference_steps=args.steps, guidance_scale=guidance, seed=args.seed,
-                  controller=policy, progress=True)
-    seconds = (time.perf_counter() - tic) / len(prompts)
-    stats = output.stats
-    for i in range(len(prompts)):
-        image = Image.fromarray(output.images[i])
-        image = image.resize((image.width * args.scale, image.height * args.scale), Image.NEAREST)
-        yield image, seconds, f"{int(stats.steps[i])} steps, {stats.equivalent_steps[i]:.1f} equivalent steps"
-
-
-def _generate_with_pipeline(args: argparse.Namespace, prompts: list[str], policy: RapidPolicy | None):
-    """(image, seconds, summary) per prompt from a diffusers pipeline under ``rapid3.accelerate``, one call each."""
     from ..accel.controllers import FullCompute
-    from ..generators import load_pipeline
-    from ..pipelines import accelerate
+    from ..embedded.pipeline import to_uint8
 
-    pipe = load_pipeline(args.pipeline, device=args.device, dtype=args.dtype)
-    guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}
-    with accelerate(pipe, policy or FullCompute()) as handle:
-        if policy is not None:
-            policy.check_backbone(handle.backbone)
-            policy.to(pipe.device)
-        for i, prompt in enumerate(prompts):
-            tic = time.perf_counter()
-            image = pipe(prompt, num_inference_steps=args.steps, height=args.height, width=args.width,
-                         generator=torch.Generator().manual_seed(args.seed + i), **guidance).images[0]
-            stats = handle.last_stats
-            yield image, time.perf_counter() - tic, (
-                f"{int(stats.steps[0])} steps, {stats.equivalent_steps[0]:.1f} equivalent steps "
-                f"({handle.speedup_estimate:.2f}x fewer transformer FLOPs than {args.steps} steps)")
+    scale = generator.preview_scale if args.scale is None else args.scale
+    for start in range(0, len(prompts), generator.default_batch):
+        batch = prompts[start:start + generator.default_batch]
+        tic = time.perf_counter()
+        out = generator.sample(batch, list(range(args.seed + start, args.seed + start + len(batch))),
+                               policy or FullCompute(), step_cap=args.steps, guidance_scale=args.guidance,
+                               progress=True)
+        seconds = (time.perf_counter() - tic) / len(batch)
+        stats = out.stats
+        for i, pixels in enumerate(to_uint8(out.images.cpu())):
+            image = Image.fromarray(pixels)
+            image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+            k = stats.equivalent_steps[i].item()
+            yield image, seconds, (f"{int(stats.steps[i])} steps, {k:.1f} equivalent steps "
+                                   f"({args.steps / k:.2f}x fewer transformer FLOPs than {args.steps} steps)")

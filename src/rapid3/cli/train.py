@@ -27,7 +27,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from ..train.config import config_from_args
-    from ..train.trainer import EXPORT, train
+    from ..train.run_folder import EXPORT
+    from ..train.trainer import train
 
     cfg = config_from_args(args)
     run = train(cfg, resume=args.resume)

@@ -1,7 +1,5 @@
-"""Reward models for real pipelines: ``CLIPScore`` (the quality term q) and ``CLIPAdapterDiscriminator``
-(the adversarial term d: a frozen CLIP vision tower under a small trainable adapter). The embedded
-world's own reward model lives in ``rapid3.embedded.reward``."""
-
-from .clip import CLIPAdapter, CLIPAdapterDiscriminator, CLIPPixels, CLIPScore, load_clip_vision
-
-__all__ = ["CLIPAdapter", "CLIPAdapterDiscriminator", "CLIPPixels", "CLIPScore", "load_clip_vision"]
+"""Everything that scores an image: the compute-discounted reward and its terms (``composite``), image
+metrics against a reference (``metrics``: PSNR, SSIM, Fréchet distance), discriminators
+(``discriminator``: the protocol and the embedded conv net) and CLIP rewards for real pipelines (``clip``:
+``CLIPScore``, ``CLIPAdapterDiscriminator``). Submodules are imported by name: ``clip`` loads transformers'
+CLIP classes, which the embedded world never needs."""

@@ -13,11 +13,15 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from ..accel.actions import check_step_schedule
+
+if TYPE_CHECKING:
+    from ..eval.side_by_side import SideBySideSettings
+    from ..worlds import WorldConfig
 
 CONFIG_FILE = "config.yaml"
 """The run folder's copy of its config, which ``--resume`` starts from."""
@@ -195,6 +199,24 @@ class TrainConfig:
     def uses_fidelity(self) -> bool:
         """Whether the reward has the fidelity term f (full-compute images are sampled for it)."""
         return "f" in self.reward_terms
+
+    def world_config(self) -> WorldConfig:
+        """What builds this run's world: its model or pipeline, prompts and the reward models its reward uses."""
+        from ..worlds import WorldConfig  # here: every CLI command builds this module's parser, cheaply
+
+        return WorldConfig(model=self.model, pipeline=self.pipeline, device=self.device, dtype=self.dtype,
+                           height=self.height, width=self.width, image_size=self.reward_image_size,
+                           prompt_file=self.prompt_file, eval_prompt_file=self.eval_prompt_file,
+                           eval_prompts=self.eval_prompts, reward_model=self.reward_model, disc_model=self.disc_model,
+                           disc_width=self.disc_width, disc_lr=self.disc_lr, quality=self.uses_quality,
+                           discriminator=self.uses_discriminator)
+
+    def side_by_side(self) -> SideBySideSettings:
+        """How the held-out evaluations run: this run's sampler settings and reward knobs."""
+        from ..eval.side_by_side import SideBySideSettings
+
+        return SideBySideSettings(step_cap=self.step_cap, guidance_scale=self.guidance_scale, batch=self.eval_batch,
+                                  lam=self.lam, omega=self.omega, psi=self.psi, with_fidelity=self.uses_fidelity)
 
     def policy_kwargs(self) -> dict[str, Any]:
         """``RapidPolicy`` arguments set by this config."""

@@ -1,4 +1,5 @@
-"""GRPO math for RAPID3: the compute-discounted reward, per-group advantages, the clipped surrogate.
+"""GRPO math for RAPID3: per-group advantages and the clipped surrogate (the compute-discounted reward
+is ``rapid3.rewards.composite``).
 
 Pure tensor functions; the trainer composes them (rollout -> reward -> advantage -> update).
 """
@@ -6,30 +7,6 @@ Pure tensor functions; the trainer composes them (rollout -> reward -> advantage
 from __future__ import annotations
 
 import torch
-
-
-def discounted_reward(quality: torch.Tensor | float, disc: torch.Tensor | float,
-                      equivalent_steps: torch.Tensor | float, *, lam: float, omega: float,
-                      fidelity: torch.Tensor | float = 0.0, psi: float = 0.0) -> torch.Tensor:
-    """RAPID3's reward r = (1/K) sum_{k=1..K} lam^(K-k) s = s (1 - lam^K) / (K (1 - lam)) with the score
-    s = q + omega d (+ psi f, our fidelity term: the image's similarity to full compute from the same noise).
-
-    The closed form is used, so K (equivalent steps) may be fractional. For s > 0 the reward falls
-    as K grows, which is what makes the policy spend less; keep q, d and f non-negative.
-
-    Raises:
-        ValueError: unless 0 < lam < 1, omega >= 0, psi >= 0 and every K > 0.
-    """
-    if not 0 < lam < 1:
-        raise ValueError(f"lam (the compute discount) must lie strictly inside (0, 1), got {lam}.")
-    if omega < 0 or psi < 0:
-        raise ValueError(f"omega and psi (the discriminator and fidelity weights) must be >= 0, got {omega}, {psi}.")
-    k = torch.as_tensor(equivalent_steps, dtype=torch.float64)
-    if not bool((k > 0).all()):
-        raise ValueError(f"equivalent_steps must be positive, got {k.min().item()}.")
-    score = (torch.as_tensor(quality, dtype=torch.float64) + omega * torch.as_tensor(disc, dtype=torch.float64)
-             + psi * torch.as_tensor(fidelity, dtype=torch.float64))
-    return score * (1 - lam**k) / (k * (1 - lam))
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from ..accel.actions import Actions, Observation
-from ..generators import Generation, Generator
 from ..policy import RapidPolicy
+from ..worlds import Generation, Generator
 
 T = TypeVar("T", Observation, Actions)
 

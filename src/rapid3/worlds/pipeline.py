@@ -1,118 +1,36 @@
-"""What the trainer, its evaluation and the benchmark sample from: the ``Generator`` interface.
+"""The pipeline world: a diffusers ``StableDiffusion3Pipeline`` / ``FluxPipeline`` run through
+``rapid3.accelerate`` (the pipeline's own encoding, latents and decoding around the sampler loop), a CLIP
+score as the quality model, a frozen CLIP vision tower with a trainable adapter as the discriminator, and
+prompts from files. No checker exists for its open-ended prompts.
 
     generator = PipelineGenerator.from_pretrained("black-forest-labs/FLUX.1-dev", height=512, width=512)
     out = generator.sample(prompts, seeds, policy, step_cap=28, guidance_scale=3.5, keep_trace=True)
     out.images, out.stats.equivalent_steps, out.trace
-
-Two implementations, both on rapid3's one sampler loop:
-
-- :class:`EmbeddedGenerator`: the shipped pixel-space model (``EmbeddedPipeline``); it has a
-  deterministic checker, so evaluation can report GenEval-style accuracy.
-- :class:`PipelineGenerator`: a diffusers ``StableDiffusion3Pipeline`` / ``FluxPipeline`` run through
-  ``rapid3.accelerate`` (the pipeline's own encoding, latents and decoding around the sampler loop);
-  no checker exists for its open-ended prompts.
-
-Image i always starts from the noise of ``seeds[i]`` alone, so repeating a seed repeats the noise
-(a GRPO group) and an image does not depend on its batch. This module lives at the package top,
-not under ``train/``, because ``rapid3 bench`` and ``rapid3 generate`` use it as much as the trainer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 from torch import Tensor
 
-from .accel.actions import Actions, Controller, Observation
-from .accel.controllers import FullCompute
-from .accel.costs import MeasuredStepCosts, SampleStats, measure_step_costs
-from .backbones.base import Conditioning
-from .backbones.diffusers_dit import DiffusersDiT
-from .embedded.checker import checker_accuracy
-from .embedded.pipeline import EmbeddedPipeline, initial_noise, to_uint8
-from .embedded.scenes import parse_caption
-from .pipelines import AcceleratedPipeline, accelerate
+from ..accel.actions import Actions, Controller, Observation
+from ..accel.controllers import FullCompute
+from ..accel.costs import MeasuredStepCosts
+from ..common.prompts import read_prompts, split_prompts
+from ..pipelines import AcceleratedPipeline, accelerate
+from ..rewards.clip import CLIPAdapterDiscriminator, CLIPScore
+from .base import Generation, ImageWorld, PromptPool, WorldConfig
 
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusion3Pipeline, FluxPipeline)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class Generation:
-    """Images (B, 3, H, W) float32 in [-1, 1], per-image cost accounting, the (observation, actions)
-    of every step when a trace was asked for, and the batch's denoising wall-clock in seconds."""
-
-    images: Tensor
-    stats: SampleStats
-    trace: list[tuple[Observation, Actions]] = field(repr=False)
-    seconds: float
-
-
-class Checker(Protocol):
-    """A trustworthy, non-learned check of images against their prompts (evaluation only, never a reward)."""
-
-    def accuracy(self, images: Tensor, prompts: list[str]) -> float:
-        """Fraction of images (B, 3, H, W) in [-1, 1] that show everything their prompt asks for."""
-
-    def complexity(self, prompts: list[str]) -> list[int]:
-        """A difficulty level per prompt, to see whether the policy spends more on harder prompts."""
-
-
-@runtime_checkable
-class Generator(Protocol):
-    """Text-to-image sampling through rapid3's sampler loop, as GRPO and its evaluation need it."""
-
-    backbone: DiffusersDiT
-    """The backbone adapter the sampler drives (what ``RapidPolicy.for_backbone`` shapes a policy for)."""
-    checker: Checker | None
-    """The world's checker, or None (real pipelines: evaluation reports reward, discriminator, K, speedup)."""
-
-    def sample(self, prompts: list[str], seeds: list[int], controller: Controller, *, step_cap: int,
-               guidance_scale: float, keep_trace: bool = False) -> Generation:
-        """One image per (prompt, seed), ``controller`` deciding every step, at most ``step_cap`` steps each."""
-
-
-class SceneChecker:
-    """The embedded world's deterministic checker on its grammar's captions."""
-
-    def accuracy(self, images: Tensor, prompts: list[str]) -> float:
-        return checker_accuracy(list(to_uint8(images.cpu())), [parse_caption(p) for p in prompts])["accuracy"]
-
-    def complexity(self, prompts: list[str]) -> list[int]:
-        return [parse_caption(p).complexity for p in prompts]
-
-
-class EmbeddedGenerator:
-    """The embedded model as a :class:`Generator`: image i from the noise ``pipe`` gives seed ``seeds[i]``,
-    so ``pipe(prompts, seed=s)`` equals sampling with seeds ``s, s + 1, ...``."""
-
-    checker = SceneChecker()
-
-    def __init__(self, pipe: EmbeddedPipeline, step_costs: MeasuredStepCosts | None = None) -> None:
-        self.pipe, self.backbone = pipe, pipe.backbone
-        self.step_costs = step_costs
-        """What equivalent steps K count: None for FLOPs, or measured wall-clock per action."""
-
-    def measure_step_costs(self, prompts: list[str], *, repeats: int = 5) -> MeasuredStepCosts:
-        """Each action's wall-clock relative to a dense step on this machine, for one CFG forward of
-        ``prompts`` (both branches: what the sampler runs), timed interleaved after a warm-up."""
-        cond, uncond = self.pipe.encode(prompts)
-        noise = initial_noise(len(prompts), seed=0)
-        return measure_step_costs(self.backbone, torch.cat([noise, noise]), Conditioning.cat([cond, uncond]),
-                                  repeats=repeats)
-
-    def sample(self, prompts: list[str], seeds: list[int], controller: Controller, *, step_cap: int,
-               guidance_scale: float, keep_trace: bool = False) -> Generation:
-        """See :meth:`Generator.sample`; the images are the final pixel-space latents, clamped, and ``seconds``
-        the denoiser's and controller's time (the sampler's per-image accounting summed), without encoding."""
-        result = self.pipe.sample(prompts, seeds, controller, num_inference_steps=step_cap,
-                                  guidance_scale=guidance_scale, keep_trace=keep_trace, step_costs=self.step_costs)
-        return Generation(result.latents.clamp(-1, 1), result.stats, result.trace, result.stats.seconds.sum().item())
+EVAL_SEED = 0
+"""Seed of the split that sets held-out prompts aside from a prompt file: fixed, so runs with different
+seeds or knobs evaluate on one set."""
 
 
 class PipelineGenerator:
@@ -131,13 +49,16 @@ class PipelineGenerator:
     """
 
     checker = None
+    default_guidance = None  # the pipeline's own
+    preview_scale = 1
+    default_batch = 1  # one megapixel image at a time: what a GPU's memory allows for every model size
+    step_costs = None  # FLOPs: measuring each action's time is implemented for the embedded model only
 
     def __init__(self, pipe: StableDiffusion3Pipeline | FluxPipeline, *, height: int | None = None,
                  width: int | None = None, image_size: int | None = None) -> None:
         self.handle: AcceleratedPipeline = accelerate(pipe, FullCompute())
         self.pipe, self.backbone = pipe, self.handle.backbone
         self.height, self.width, self.image_size = height, width, image_size
-        pipe.set_progress_bar_config(disable=True)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | None = None, dtype: str | None = None,
@@ -146,17 +67,23 @@ class PipelineGenerator:
         return cls(load_pipeline(path, device=device, dtype=dtype), **kwargs)
 
     def sample(self, prompts: list[str], seeds: list[int], controller: Controller, *, step_cap: int,
-               guidance_scale: float, keep_trace: bool = False) -> Generation:
-        """See :meth:`Generator.sample`; ``seconds`` is the denoiser's and controller's time (the sampler's
+               guidance_scale: float | None, keep_trace: bool = False, progress: bool = False) -> Generation:
+        """See ``Generator.sample``; ``seconds`` is the denoiser's and controller's time (the sampler's
         per-image accounting summed), without the pipeline's prompt encoding and VAE decoding."""
         recorder = _Recorder(controller) if keep_trace else None
         self.handle.controller = controller if recorder is None else recorder
-        images = self.pipe(list(prompts), num_inference_steps=step_cap, guidance_scale=guidance_scale,
-                           height=self.height, width=self.width, output_type="pt",
-                           generator=[torch.Generator().manual_seed(seed) for seed in seeds]).images
+        guidance = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        self.pipe.set_progress_bar_config(disable=not progress)
+        images = self.pipe(list(prompts), num_inference_steps=step_cap, height=self.height, width=self.width,
+                           output_type="pt", generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+                           **guidance).images
         stats = self.handle.last_stats
         return Generation(self._resize(images.float() * 2 - 1), stats, [] if recorder is None else recorder.trace,
                           stats.seconds.sum().item())
+
+    def measure_step_costs(self, prompts: list[str]) -> MeasuredStepCosts:
+        raise ValueError("step_costs 'measured' is implemented for the embedded model only; with a pipeline use "
+                         "step_costs 'flops'.")
 
     def close(self) -> None:
         """Give the pipeline back exactly as it was."""
@@ -222,3 +149,32 @@ def load_pipeline(path: str | Path, *, device: str | None = None,
     if name not in PIPELINE_CLASSES:
         raise TypeError(f"{path} holds a {name}; rapid3 accelerates {' and '.join(PIPELINE_CLASSES)} only.")
     return PIPELINE_CLASSES[name].from_pretrained(str(path), dtype=dtype_).to(device_)
+
+
+def build_pipeline_world(config: WorldConfig) -> ImageWorld:
+    """A diffusers pipeline with the CLIP score and CLIP-adapter discriminator asked for; prompts from files.
+
+    Prompts and reward models load first, so a bad file or a missing model fails before the (large)
+    pipeline loads, and everything before any sampling.
+    """
+    train_prompts, heldout = _prompt_split(config)
+    device = resolve_device(config.device)
+    quality = CLIPScore.from_pretrained(config.reward_model, device=device) if config.quality else None
+    disc = None
+    if config.discriminator:
+        disc = CLIPAdapterDiscriminator.from_pretrained(config.disc_model or config.reward_model, device=device,
+                                                        hidden=config.disc_width, lr=config.disc_lr)
+    generator = PipelineGenerator.from_pretrained(config.pipeline, device=config.device, dtype=config.dtype,
+                                                  height=config.height, width=config.width,
+                                                  image_size=config.image_size)
+    return ImageWorld(generator, quality, disc, PromptPool(train_prompts), heldout)
+
+
+def _prompt_split(config: WorldConfig) -> tuple[list[str], list[str]]:
+    """Training and held-out prompts: the prompt file and the held-out file, or a fixed split of the one file."""
+    if config.prompt_file is None:
+        return [], []
+    prompts = read_prompts(config.prompt_file)
+    if config.eval_prompt_file is None:
+        return split_prompts(prompts, config.eval_prompts, seed=EVAL_SEED)
+    return prompts, read_prompts(config.eval_prompt_file)[:config.eval_prompts]

@@ -1,6 +1,6 @@
 """Ablations of RAPID3 on the embedded model: which heads, which reward terms, which Step-Skip schedule.
 
-    python -m rapid3.eval.ablation --out bench-out/ablation [--config base.yaml] [--iterations 40]
+    python -m rapid3.train.ablation --out bench-out/ablation [--config base.yaml] [--iterations 40]
         [--variants step,step+cache,step+cache+sparse,q,d,q+d,geometric] [--eval-prompts 64]
 
 Each variant is a ``rapid3 train`` run from one base config with one change (``VARIANTS``); the
@@ -15,15 +15,16 @@ left out), and ``ablation.json`` and ``ablation.md`` are written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from ..embedded.pipeline import EmbeddedPipeline
-from ..generators import EmbeddedGenerator
+from ..eval.side_by_side import side_by_side
 from ..policy import RapidPolicy
-from ..train.config import TrainConfig, read_yaml
-from ..train.trainer import CHECKPOINT, EXPORT, EmbeddedQuality, evaluate, heldout_prompts, train
+from ..worlds import build_world
+from .config import TrainConfig, read_yaml
+from .trainer import CHECKPOINT, EXPORT, train
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "step": {"cache_reuse": False, "sparse_attention": False},  # TPDM: the step head alone
@@ -63,16 +64,15 @@ def train_variants(base: TrainConfig, out: Path, variants: list[str]) -> dict[st
 
 
 def evaluate_variants(base: TrainConfig, folders: dict[str, Path], eval_prompts: int) -> dict[str, dict[str, float]]:
-    """Each trained policy against full compute on the same held-out prompts (image i from seed i)."""
-    from ..embedded.reward import load_reward_model
-
-    pipe = EmbeddedGenerator(EmbeddedPipeline.from_pretrained(base.model))
-    quality = EmbeddedQuality(load_reward_model(base.reward_model), pipe.pipe.encoder)
-    prompts = [spec.caption for spec in heldout_prompts(eval_prompts)]
+    """Each trained policy against full compute on the same held-out prompts (image i from seed i), with the
+    base config's world and its quality model (no discriminator: each run's own is not comparable)."""
+    cfg = base.replace(eval_prompts=eval_prompts)
+    world = build_world(dataclasses.replace(cfg.world_config(), quality=True, discriminator=False))
     results = {}
     for name, folder in folders.items():
-        print(f"evaluating {name} on {len(prompts)} held-out prompts", flush=True)
-        metrics = evaluate(pipe, RapidPolicy.from_pretrained(folder), prompts, base, quality)
+        print(f"evaluating {name} on {len(world.heldout_prompts)} held-out prompts", flush=True)
+        metrics = side_by_side(world.generator, RapidPolicy.from_pretrained(folder), world.heldout_prompts,
+                               cfg.side_by_side(), world.quality)
         results[name] = {**metrics, "train_minutes": _train_minutes(folder.parent)}
     return results
 
@@ -124,7 +124,7 @@ def run_ablation(base: TrainConfig, out: Path, variants: list[str], eval_prompts
 
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(prog="python -m rapid3.eval.ablation", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m rapid3.train.ablation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder of the runs, ablation.json and ablation.md")
     parser.add_argument("--config", type=Path, help="base `rapid3 train` YAML (default: the trainer's defaults)")
