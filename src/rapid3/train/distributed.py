@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..accel.actions import Actions, Observation
 from ..policy import RapidPolicy
-from .rollout import _select
+from .rollout import select_rows
 
 T = TypeVar("T")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -252,7 +252,7 @@ class GroupStreams:
             rows = (groups == group).nonzero().squeeze(1)
             with torch.random.fork_rng(devices=_cuda_devices()):
                 torch.manual_seed(stream_seed(ACTIONS, self.seeds[group], self._step))
-                decided.append((rows, self.policy.decide(_select(obs, rows.to(obs.sample_ids.device)))))
+                decided.append((rows, self.policy.decide(select_rows(obs, rows.to(obs.sample_ids.device)))))
         self._step += 1
         return _merge(decided, len(obs))
 

@@ -81,8 +81,8 @@ class Rollouts:
         picked = index.tolist()
         return replace(self, prompts=[self.prompts[i] for i in picked], seeds=[self.seeds[i] for i in picked],
                        images=self.images[index], equivalent_steps=self.equivalent_steps[index],
-                       seconds=self.seconds[index], decisions=_select(self.decisions, keep),
-                       actions=_select(self.actions, keep), trajectory=position[self.trajectory[keep]],
+                       seconds=self.seconds[index], decisions=select_rows(self.decisions, keep),
+                       actions=select_rows(self.actions, keep), trajectory=position[self.trajectory[keep]],
                        step=self.step[keep], old_log_probs=self.old_log_probs[index], mask=self.mask[index])
 
 
@@ -114,7 +114,7 @@ def _cat(items: tuple[T, ...], **fixed) -> T:
     return type(first)(**{**values, **fixed})
 
 
-def _select(item: T, rows: Tensor) -> T:
+def select_rows(item: T, rows: Tensor) -> T:
     """The rows of every tensor field of a dataclass instance."""
     return replace(item, **{f.name: getattr(item, f.name)[rows] for f in fields(item)
                             if isinstance(getattr(item, f.name), Tensor)})
