@@ -68,7 +68,7 @@ from .faults import drop_nonfinite_groups, logger
 from .grpo import group_advantages, grpo_loss, zero_spread_fraction
 from .replay import ReplayBuffer
 from .rollout import Rollouts, rollout
-from .run_folder import EXPORT, LOG, RunLog, export_policy, make_run_folder
+from .run_folder import EXPORT, RunLog, export_policy, make_run_folder
 
 CHECKPOINT = "checkpoint.pt"
 FIXED_ON_RESUME = (*POLICY_FIELDS, "disc_width", "replay_capacity", "pipeline", "step_costs")
@@ -325,17 +325,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Run:
                 last = run.iteration == cfg.iterations
                 if not world.is_main:
                     continue
-                if run.iteration % cfg.eval_every == 0 or last:
-                    source = run.source
-                    run.last_eval = side_by_side(source.generator, run.policy, source.heldout_prompts,
-                                                 cfg.side_by_side(), source.quality, source.discriminator)
-                    metrics |= run.last_eval
-                    bar.write(_eval_line(run.iteration, run.last_eval))
-                log.write(run.iteration, metrics)
-                if "eval/equivalent_steps" in metrics:
-                    plot_curves(read_log(out / LOG), out / CURVES, cfg.step_cap)
-                bar.update(1)
-                bar.set_postfix(_postfix(metrics, run.last_eval))
+                _report(run, metrics, log, bar, evaluate=run.iteration % cfg.eval_every == 0 or last)
                 if run.iteration % cfg.checkpoint_every == 0 or last:
                     save_checkpoint(out / CHECKPOINT, run.state_dict())
                     saved = run.iteration
@@ -352,6 +342,26 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Run:
             export_policy(run.policy, out / EXPORT, iteration=run.iteration, train_config=cfg.to_dict(),
                           last_eval=run.last_eval)
     return run
+
+
+def evaluate_heldout(run: Run) -> dict[str, float]:
+    """The policy against full compute on the world's held-out prompts, with the run's reward models."""
+    source = run.source
+    return side_by_side(source.generator, run.policy, source.heldout_prompts, run.cfg.side_by_side(),
+                        source.quality, source.discriminator)
+
+
+def _report(run: Run, metrics: dict[str, float], log: RunLog, bar: tqdm, *, evaluate: bool) -> None:
+    """Rank 0's bookkeeping after an iteration: the held-out evaluation when due, the log, the curves, the bar."""
+    if evaluate:
+        run.last_eval = evaluate_heldout(run)
+        metrics |= run.last_eval
+        bar.write(_eval_line(run.iteration, run.last_eval))
+    log.write(run.iteration, metrics)
+    if evaluate:
+        plot_curves(read_log(log.path), log.path.parent / CURVES, run.cfg.step_cap)
+    bar.update(1)
+    bar.set_postfix(_postfix(metrics, run.last_eval))
 
 
 def _postfix(metrics: dict[str, float], last_eval: dict[str, float]) -> dict[str, str]:
