@@ -15,7 +15,7 @@ from rapid3.embedded.scenes import IMAGE_SIZE, parse_caption
 from rapid3.embedded.text_encoder import MiniLMTextEncoder, add_token_positions, ordered_pairs
 from rapid3.embedded.train_generator import (
     CHECKPOINT,
-    TrainConfig,
+    GeneratorTrainConfig,
     batches,
     main,
     parse_args,
@@ -33,8 +33,8 @@ def encoder() -> MiniLMTextEncoder:
     return MiniLMTextEncoder()
 
 
-def _config(out: Path, steps: int, **kw) -> TrainConfig:
-    return TrainConfig(out=out, steps=steps, batch=4, sample_every=2, sample_steps=2, log_every=1, model=TINY, **kw)
+def _config(out: Path, steps: int, **kw) -> GeneratorTrainConfig:
+    return GeneratorTrainConfig(out=out, steps=steps, batch=4, sample_every=2, sample_steps=2, log_every=1, model=TINY, **kw)
 
 
 def test_cli_defaults() -> None:
@@ -195,3 +195,24 @@ def test_cli_bad_resume_is_one_clear_line(tmp_path: Path, capsys: pytest.Capture
 def test_load_embedded_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train_generator"):
         load_embedded(tmp_path)
+
+
+def test_sigterm_stops_after_the_step_and_checkpoints(tmp_path: Path, encoder: MiniLMTextEncoder,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    import rapid3.embedded.train_generator as program
+
+    step = program.train_step
+
+    def step_then_sigterm(*args, **kwargs):  # the signal arrives while a step is in progress
+        loss = step(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(program, "train_step", step_then_sigterm)
+    run = train(_config(tmp_path / "run", 5, export=tmp_path / "export"), encoder)
+    assert run["step"] == 1 and (tmp_path / "run" / CHECKPOINT).is_file()
+    assert embedded_info(tmp_path / "export")["step"] == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only

@@ -36,8 +36,8 @@ from rapid3.embedded import scenes
 from rapid3.embedded.checker import check
 from rapid3.embedded.evaluate import generate, relation_outcomes
 from rapid3.embedded.model import SAMPLING_STEPS
-from rapid3.embedded.pipeline import EmbeddedPipeline
-from rapid3.embedded.train_generator import flow_matching_loss, to_model_space, training_conditioning
+from rapid3.embedded.pipeline import EmbeddedPipeline, to_model_space
+from rapid3.embedded.train_generator import flow_matching_loss, training_conditioning
 
 TASKS = ("order", "bag")
 
