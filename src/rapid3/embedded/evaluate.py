@@ -24,15 +24,18 @@ from .grid import caption_grid
 from .pipeline import EmbeddedPipeline
 from .scenes import SceneSpec, evaluation_prompts
 
-EVAL_SEED = 10_000  # far from the training run's seeds; image i uses EVAL_SEED + i
+EVAL_NOISE_SEED = 10_000
+"""Seed of this script's images' initial noise (image i: EVAL_NOISE_SEED + i), apart from the noise that
+``rapid3 bench`` and the trainer's evaluation draw (image i: i). It chooses no prompts (those are
+``scenes.evaluation_prompts``), unlike ``rapid3.worlds.pipeline.HELDOUT_SPLIT_SEED``, which chooses held-out prompts."""
 
 
 def generate(pipe: EmbeddedPipeline, specs: list[SceneSpec], steps: int, batch: int) -> np.ndarray:
-    """uint8 images for ``specs`` with the uniform ``steps``-step sampler (image i seeded EVAL_SEED + i)."""
+    """uint8 images for ``specs`` with the uniform ``steps``-step sampler (image i seeded EVAL_NOISE_SEED + i)."""
     images = []
     for start in tqdm(range(0, len(specs), batch), desc=f"{steps} steps", unit="batch"):
         chunk = [s.caption for s in specs[start:start + batch]]
-        images.append(pipe(chunk, num_inference_steps=steps, seed=EVAL_SEED + start,
+        images.append(pipe(chunk, num_inference_steps=steps, seed=EVAL_NOISE_SEED + start,
                            controller=UniformSteps(steps)).images)
     return np.concatenate(images)
 
