@@ -193,7 +193,7 @@ def test_cli_bad_resume_is_one_clear_line(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_load_embedded_missing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="train_generator"):
+    with pytest.raises(FileNotFoundError, match="rapid3 embedded train-generator"):
         load_embedded(tmp_path)
 
 
