@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sigterm import sigterm_during
 
 from rapid3.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from rapid3.embedded import scenes
@@ -221,17 +222,7 @@ def test_parse_args_defaults_and_flags() -> None:
 
 
 def test_sigterm_stops_after_the_step_and_checkpoints(tmp_path, encoder, monkeypatch) -> None:
-    import os
-    import signal
-
-    step = reward.train_step
-
-    def step_then_sigterm(*args, **kwargs):  # the signal arrives while a step is in progress
-        result = step(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(reward, "train_step", step_then_sigterm)
+    monkeypatch.setattr(reward, "train_step", sigterm_during(reward.train_step))
     run = reward.train(RewardTrainConfig(out=tmp_path, steps=5, batch=4, eval_every=5, eval_images=4, model=TINY),
                        encoder)
     assert run["step"] == 1 and [e["step"] for e in run["evals"]] == [1]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sigterm import sigterm_during
 
 from rapid3.common.checkpoint import CheckpointError, save_checkpoint
 from rapid3.embedded.model import embedded_info, load_embedded
@@ -199,19 +200,11 @@ def test_load_embedded_missing(tmp_path: Path) -> None:
 
 def test_sigterm_stops_after_the_step_and_checkpoints(tmp_path: Path, encoder: MiniLMTextEncoder,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
     import signal
 
     import rapid3.embedded.train_generator as program
 
-    step = program.train_step
-
-    def step_then_sigterm(*args, **kwargs):  # the signal arrives while a step is in progress
-        loss = step(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return loss
-
-    monkeypatch.setattr(program, "train_step", step_then_sigterm)
+    monkeypatch.setattr(program, "train_step", sigterm_during(program.train_step))
     run = train(_config(tmp_path / "run", 5, export=tmp_path / "export"), encoder)
     assert run["step"] == 1 and (tmp_path / "run" / CHECKPOINT).is_file()
     assert embedded_info(tmp_path / "export")["step"] == 1
