@@ -39,9 +39,10 @@ def results(tiny_model, tmp_path_factory):
         if lam is not None:
             (folder / "rapid3_policy.json").write_text(json.dumps({"train_config": {"lam": lam}}))
         folders.append(str(folder))
-    assert bench.policy_methods(",".join(folders[:2]), folders[2]) == ["rapid3", "tpdm"]
-    assert bench.METHODS["rapid3"].values == (0.9, 0.97) and bench.METHODS["rapid3"].knob == "lam"
-    assert bench.METHODS["tpdm"].values == (folders[2],) and bench.METHODS["tpdm"].knob == "policy"
+    learned = bench.policy_methods(",".join(folders[:2]), folders[2])
+    assert list(learned) == ["rapid3", "tpdm"]
+    assert learned["rapid3"].values == (0.9, 0.97) and learned["rapid3"].knob == "lam"
+    assert learned["tpdm"].values == (folders[2],) and learned["tpdm"].knob == "policy"
     out = tmp_path_factory.mktemp("bench")
     knobs = {"uniform": (2,), "fora": (2,), "teacache": (0.3,), "first_block": (0.5,), "static_sparse": (3,),
              "mag_cache": (0.2,), "taylorseer_cache": (2,), "pyramid_attention_broadcast": (2,),
@@ -49,10 +50,8 @@ def results(tiny_model, tmp_path_factory):
     config = bench.BenchConfig.create(quick=True, out=out, model=tiny_model, steps=STEPS, prompts=2, singles=1,
                                       repeats=1, calibration_images=3, knobs=knobs)
     reward = lambda images, prompts: [float(len(p)) for p in prompts]
-    try:
-        yield bench.run_bench(config, reward=reward, progress=False), out
-    finally:
-        del bench.METHODS["rapid3"], bench.METHODS["tpdm"]
+    methods = {**bench.default_methods(), **learned}  # passed to this run only: nothing to undo after it
+    yield bench.run_bench(config, methods, reward=reward, progress=False), out
 
 
 def test_every_method_runs_or_says_why_not(results):
@@ -152,8 +151,14 @@ def test_claim_names_entries_that_are_faster_and_better_than_rapid3():
 
 
 def test_sweeps_from_the_command_line_are_typed_and_checked():
-    assert bench.parse_sweeps(["fora=2,4", "teacache=0.1,0.4"]) == {"fora": (2, 4), "teacache": (0.1, 0.4)}
+    methods = bench.default_methods()
+    assert bench.parse_sweeps(["fora=2,4", "teacache=0.1,0.4"], methods) == {"fora": (2, 4), "teacache": (0.1, 0.4)}
     with pytest.raises(ValueError, match="registered method"):
-        bench.parse_sweeps(["nope=1"])
+        bench.parse_sweeps(["nope=1"], methods)
     with pytest.raises(ValueError, match="interval takes int values"):
-        bench.parse_sweeps(["fora=two"])
+        bench.parse_sweeps(["fora=two"], methods)
+
+
+def test_learned_methods_join_one_run_only(results):
+    """The policies of a run were passed to it: the built-in methods of the next run are unchanged."""
+    assert not {"rapid3", "tpdm"} & bench.default_methods().keys()

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rapid3.embedded.reward import render_set
 from rapid3.rewards.discriminator import (
     Discriminator,
     ImageDiscriminator,
@@ -13,6 +12,7 @@ from rapid3.rewards.discriminator import (
     discriminator_score,
     discriminator_step,
 )
+from rapid3.rewards.train_embedded_reward import render_set
 from rapid3.train.replay import ReplayBuffer
 
 TINY = dict(channels=(16, 32, 64))

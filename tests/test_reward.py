@@ -7,12 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sigterm import sigterm_during
 
-from rapid3.common.checkpoint import CheckpointError, save_checkpoint
-from rapid3.embedded import reward, scenes
-from rapid3.embedded.reward import RewardModel, RewardTrainConfig
+from rapid3.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from rapid3.embedded import scenes
 from rapid3.embedded.scenes import parse_caption
 from rapid3.embedded.text_encoder import MiniLMTextEncoder
+from rapid3.rewards import embedded_reward
+from rapid3.rewards import train_embedded_reward as reward
+from rapid3.rewards.embedded_reward import RewardModel
+from rapid3.rewards.train_embedded_reward import RewardTrainConfig
 
 TINY = dict(channels=(16, 32, 32), text_hidden=64, head_hidden=64)
 SINGLES_AND_COUNTS = [s for s in scenes.prompt_splits()["train"] if s.kind in ("single", "count")]
@@ -116,7 +120,7 @@ def test_save_load_round_trip_scores_identically(tmp_path, encoder, renders) -> 
     model = RewardModel(**TINY).eval()
     torch.nn.init.normal_(model.films[0].weight)  # non-default weights, FiLM included
     model.save_pretrained(tmp_path)
-    loaded = reward.load_reward_model(tmp_path)
+    loaded = embedded_reward.load_reward_model(tmp_path)
     captions = [s.caption for s in specs]
     assert torch.equal(model.score(images, captions, encoder), loaded.score(images, captions, encoder))
     public = lambda m: {k: tuple(v) if isinstance(v, list) else v for k, v in m.config.items() if not k.startswith("_")}
@@ -124,11 +128,11 @@ def test_save_load_round_trip_scores_identically(tmp_path, encoder, renders) -> 
 
 
 def test_missing_weights_say_how_to_train(tmp_path, monkeypatch) -> None:
-    with pytest.raises(FileNotFoundError, match="python -m rapid3.embedded.reward"):
-        reward.load_reward_model(tmp_path / "nowhere")
-    monkeypatch.setattr(reward, "REWARD_WEIGHTS_DIR", tmp_path / "shipped")
+    with pytest.raises(FileNotFoundError, match="rapid3 embedded train-reward"):
+        embedded_reward.load_reward_model(tmp_path / "nowhere")
+    monkeypatch.setattr(embedded_reward, "REWARD_WEIGHTS_DIR", tmp_path / "shipped")
     with pytest.raises(FileNotFoundError, match="shipped"):
-        reward.load_reward_model()
+        embedded_reward.load_reward_model()
 
 
 # ----------------------------------------------------------------------------- training
@@ -163,7 +167,7 @@ def test_train_exports_evaluates_and_resumes(tmp_path, encoder) -> None:
     assert all(set(run["evals"][0][split]) >= {"hard", "random"} for split in ("heldout", "train"))
     info = json.loads((tmp_path / "export" / "rapid3_reward.json").read_text())
     assert info["step"] == 2 and info["evaluation"] == run["evals"][0]
-    exported = reward.load_reward_model(tmp_path / "export")
+    exported = embedded_reward.load_reward_model(tmp_path / "export")
     assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), run["model"].state_dict().values()))
     resumed = reward.train(RewardTrainConfig(out=tmp_path / "run", steps=3, batch=4, eval_every=2, eval_images=4,
                                              resume=True), encoder)
@@ -215,3 +219,11 @@ def test_parse_args_defaults_and_flags() -> None:
     cfg = reward.parse_args(["--out", "x", "--steps", "5", "--generator", "g", "--export", "e"])
     assert cfg.out == Path("x") and cfg.steps == 5 and cfg.generator == Path("g") and cfg.export == Path("e")
     assert not cfg.resume and cfg.batch == RewardTrainConfig(out=Path(".")).batch
+
+
+def test_sigterm_stops_after_the_step_and_checkpoints(tmp_path, encoder, monkeypatch) -> None:
+    monkeypatch.setattr(reward, "train_step", sigterm_during(reward.train_step))
+    run = reward.train(RewardTrainConfig(out=tmp_path, steps=5, batch=4, eval_every=5, eval_images=4, model=TINY),
+                       encoder)
+    assert run["step"] == 1 and [e["step"] for e in run["evals"]] == [1]
+    assert load_checkpoint(tmp_path / reward.CHECKPOINT, reward.CHECKPOINT_FORMAT)["step"] == 1

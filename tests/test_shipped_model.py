@@ -10,9 +10,9 @@ from PIL import Image
 from rapid3.cli import main
 from rapid3.embedded import scenes
 from rapid3.embedded.model import WEIGHTS_DIR, load_embedded
-from rapid3.embedded.reward import load_reward_model
+from rapid3.embedded.pipeline import to_model_space
 from rapid3.embedded.text_encoder import MiniLMTextEncoder
-from rapid3.embedded.train_generator import to_model_space
+from rapid3.rewards.embedded_reward import load_reward_model
 
 
 def test_shipped_weights_load_offline(monkeypatch):
@@ -55,7 +55,7 @@ def test_generate_with_the_shipped_default_policy(monkeypatch, tmp_path, capsys)
 
 
 def test_bench_scores_images_with_the_shipped_reward_model():
-    from rapid3.embedded.reward import score_images
+    from rapid3.rewards.embedded_reward import score_images
 
     rng = np.random.default_rng(1)
     image = scenes.render(scenes.place(scenes.parse_caption("a blue square"), rng))

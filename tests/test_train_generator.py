@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sigterm import sigterm_during
 
 from rapid3.common.checkpoint import CheckpointError, save_checkpoint
 from rapid3.embedded.model import embedded_info, load_embedded
@@ -15,7 +16,7 @@ from rapid3.embedded.scenes import IMAGE_SIZE, parse_caption
 from rapid3.embedded.text_encoder import MiniLMTextEncoder, add_token_positions, ordered_pairs
 from rapid3.embedded.train_generator import (
     CHECKPOINT,
-    TrainConfig,
+    GeneratorTrainConfig,
     batches,
     main,
     parse_args,
@@ -33,8 +34,8 @@ def encoder() -> MiniLMTextEncoder:
     return MiniLMTextEncoder()
 
 
-def _config(out: Path, steps: int, **kw) -> TrainConfig:
-    return TrainConfig(out=out, steps=steps, batch=4, sample_every=2, sample_steps=2, log_every=1, model=TINY, **kw)
+def _config(out: Path, steps: int, **kw) -> GeneratorTrainConfig:
+    return GeneratorTrainConfig(out=out, steps=steps, batch=4, sample_every=2, sample_steps=2, log_every=1, model=TINY, **kw)
 
 
 def test_cli_defaults() -> None:
@@ -193,5 +194,18 @@ def test_cli_bad_resume_is_one_clear_line(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_load_embedded_missing(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="train_generator"):
+    with pytest.raises(FileNotFoundError, match="rapid3 embedded train-generator"):
         load_embedded(tmp_path)
+
+
+def test_sigterm_stops_after_the_step_and_checkpoints(tmp_path: Path, encoder: MiniLMTextEncoder,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    import rapid3.embedded.train_generator as program
+
+    monkeypatch.setattr(program, "train_step", sigterm_during(program.train_step))
+    run = train(_config(tmp_path / "run", 5, export=tmp_path / "export"), encoder)
+    assert run["step"] == 1 and (tmp_path / "run" / CHECKPOINT).is_file()
+    assert embedded_info(tmp_path / "export")["step"] == 1
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only

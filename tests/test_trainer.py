@@ -14,9 +14,9 @@ from rapid3.baselines.steps import FixedIntervalCache
 from rapid3.cli import build_parser, main
 from rapid3.common.checkpoint import load_checkpoint
 from rapid3.embedded.pipeline import EmbeddedPipeline
-from rapid3.embedded.reward import RewardModel
 from rapid3.policy import RapidPolicy
 from rapid3.rewards.composite import discounted_reward, fidelity
+from rapid3.rewards.embedded_reward import RewardModel
 from rapid3.train.config import TrainConfig, config_from_args
 from rapid3.train.curves import main as curves_main
 from rapid3.train.curves import read_log

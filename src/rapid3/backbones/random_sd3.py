@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-from .backbones import Conditioning, SD3Backbone
+from .base import Conditioning
+from .sd3 import SD3Backbone
 
 HEADS, HEAD_DIM, TEXT_TOKENS, TEXT_DIM, PATCH, CHANNELS = 6, 64, 77, 384, 2, 16
 

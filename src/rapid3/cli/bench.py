@@ -40,7 +40,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--tpdm", default=None, metavar="PATH[,...]",
                         help="step-only policies (`rapid3 train --no-cache-reuse --no-sparse-attention`): the TPDM "
                              "baseline")
-    parser.add_argument("--reward", default="rapid3.embedded.reward:score_images", metavar="MODULE:FUNCTION",
+    parser.add_argument("--reward", default="rapid3.rewards.embedded_reward:score_images", metavar="MODULE:FUNCTION",
                         help="reward model: f(uint8 images, prompts) -> scores (default: the shipped reward model)")
     parser.add_argument("--discriminator", default=None, metavar="MODULE:FUNCTION",
                         help="discriminator: f(images, prompts)")

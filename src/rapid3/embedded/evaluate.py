@@ -1,6 +1,6 @@
 """Checker accuracy of the embedded model, by step count and prompt complexity, with caption grids.
 
-    python -m rapid3.embedded.evaluate [--model DIR] [--prompts 200] [--singles 30] [--steps 28 4] --out DIR
+    rapid3 embedded evaluate [--model DIR] [--prompts 200] [--singles 30] [--steps 28 4] --out DIR
 
 Held-out prompts are compositions never seen in training, round-robin over kinds; single-object
 prompts (all of which are in training) are drawn with seeds never used in training. Writes
@@ -19,20 +19,24 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..accel.controllers import UniformSteps
+from ..common.programs import program_parser
 from .checker import CheckResult, check, checker_accuracy, relation_outcome
 from .grid import caption_grid
 from .pipeline import EmbeddedPipeline
 from .scenes import SceneSpec, evaluation_prompts
 
-EVAL_SEED = 10_000  # far from the training run's seeds; image i uses EVAL_SEED + i
+EVAL_NOISE_SEED = 10_000
+"""Seed of this script's images' initial noise (image i: EVAL_NOISE_SEED + i), apart from the noise that
+``rapid3 bench`` and the trainer's evaluation draw (image i: i). It chooses no prompts (those are
+``scenes.evaluation_prompts``), unlike ``rapid3.worlds.pipeline.HELDOUT_SPLIT_SEED``, which chooses held-out prompts."""
 
 
 def generate(pipe: EmbeddedPipeline, specs: list[SceneSpec], steps: int, batch: int) -> np.ndarray:
-    """uint8 images for ``specs`` with the uniform ``steps``-step sampler (image i seeded EVAL_SEED + i)."""
+    """uint8 images for ``specs`` with the uniform ``steps``-step sampler (image i seeded EVAL_NOISE_SEED + i)."""
     images = []
     for start in tqdm(range(0, len(specs), batch), desc=f"{steps} steps", unit="batch"):
         chunk = [s.caption for s in specs[start:start + batch]]
-        images.append(pipe(chunk, num_inference_steps=steps, seed=EVAL_SEED + start,
+        images.append(pipe(chunk, num_inference_steps=steps, seed=EVAL_NOISE_SEED + start,
                            controller=UniformSteps(steps)).images)
     return np.concatenate(images)
 
@@ -53,16 +57,21 @@ def grid_columns(specs: list[SceneSpec]) -> list[int]:
     return sorted(set(first_of_kind.values()) | set(singles))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m rapid3.embedded.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "python -m rapid3.embedded.evaluate"  # also `rapid3 embedded evaluate`
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The program's flags (on ``rapid3 embedded evaluate`` and ``python -m``)."""
     parser.add_argument("--model", type=Path, default=None, help="exported model folder (default: shipped)")
     parser.add_argument("--prompts", type=int, default=200, help="held-out prompts")
     parser.add_argument("--singles", type=int, default=30, help="single-object prompts")
     parser.add_argument("--steps", type=int, nargs="+", default=[28, 4], help="sampler step counts to compare")
     parser.add_argument("--batch", type=int, default=25, help="images per sampler batch")
     parser.add_argument("--out", type=Path, required=True, help="folder for evaluation.json and the grids")
-    args = parser.parse_args(argv)
+
+
+def evaluate_model(args: argparse.Namespace) -> dict:
+    """Sample the evaluation prompts at each step count; write evaluation.json and the grids, print a table."""
     args.out.mkdir(parents=True, exist_ok=True)
     pipe = EmbeddedPipeline.from_pretrained(args.model)
     specs = evaluation_prompts(args.prompts, args.singles)
@@ -93,6 +102,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{steps} steps, relation prompts: " + ", ".join(f"{k} {v:.2f}" for k, v in r["relations"].items()))
     print(f"wrote {args.out / 'evaluation.json'} and grids")
     return results
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``rapid3 embedded evaluate``."""
+    evaluate_model(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m rapid3.embedded.evaluate``: the results by step count."""
+    return evaluate_model(program_parser(PROG, __doc__, add_arguments).parse_args(argv))
 
 
 if __name__ == "__main__":

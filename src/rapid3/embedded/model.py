@@ -57,7 +57,7 @@ def load_embedded(path: str | Path | None = None, dtype: torch.dtype = torch.flo
 
     ``path`` defaults to ``rapid3/weights/embedded``; it holds the transformer's ``config.json``
     + safetensors and ``scheduler_config.json``, as written by
-    ``python -m rapid3.embedded.train_generator --export PATH``. Loads offline.
+    ``rapid3 embedded train-generator --export PATH``. Loads offline.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
@@ -65,7 +65,7 @@ def load_embedded(path: str | Path | None = None, dtype: torch.dtype = torch.flo
     if not (path / "config.json").is_file() or not (path / "scheduler_config.json").is_file():
         raise FileNotFoundError(
             f"no embedded model at {path} (need config.json, weights and scheduler_config.json); "
-            "train one with `python -m rapid3.embedded.train_generator --out DIR` and export it with "
+            "train one with `rapid3 embedded train-generator --out DIR` and export it with "
             "`--resume --steps 0 --export PATH`"
         )
     # safetensors only: a pickled .bin could run code on load. The model is tiny: load it eagerly, with no

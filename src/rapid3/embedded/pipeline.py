@@ -93,6 +93,11 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]: the inverse of :func:`to_uint8`."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 def check_prompt_text(prompt: str) -> None:
     """Reject a prompt that is not text or is empty (cheap: no encoder needed)."""
     if not isinstance(prompt, str):

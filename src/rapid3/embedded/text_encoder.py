@@ -189,7 +189,7 @@ class PrecomputedTextEncoder(TextEncoder):
 
         if not Path(path).is_file():
             raise FileNotFoundError(f"no precomputed text encodings at {path}: write them where MiniLM is installed, "
-                                    f"with `python -m rapid3.embedded.train_generator --out DIR "
+                                    f"with `rapid3 embedded train-generator --out DIR "
                                     f"--save-text-encodings {path}`")
         with safe_open(str(path), framework="pt") as f:
             meta, states, lengths = f.metadata(), f.get_tensor("states"), f.get_tensor("lengths").tolist()

@@ -1,6 +1,6 @@
 """Train the embedded text-to-image MMDiT on procedural scenes, resumably, on CPU or a GPU.
 
-    python -m rapid3.embedded.train_generator --out DIR [--resume] [--steps N] [--batch 64]
+    rapid3 embedded train-generator --out DIR [--resume] [--steps N] [--batch 64]
         [--lr 3e-4] [--ema 0.999] [--export PATH] [--device cuda --workers 14 --minutes 8]
 
 Rectified flow as in SD3: x_t = (1 - t) x0 + t eps, the model predicts eps - x0 at
@@ -40,9 +40,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from rapid3.common.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from rapid3.common.programs import parse_checked, program_parser, run_program
+from rapid3.common.signals import StopSignals
 from rapid3.embedded import scenes
 from rapid3.embedded.grid import caption_grid
 from rapid3.embedded.model import GUIDANCE_SCALE, SAMPLING_STEPS, embedded_scheduler_config, embedded_transformer_config
+from rapid3.embedded.pipeline import to_model_space
 from rapid3.embedded.text_encoder import (
     UNCONDITIONAL_PROMPT,
     CaptionConditioning,
@@ -57,7 +60,7 @@ CHECKPOINT_FORMAT = "rapid3-generator-checkpoint/1"
 
 
 @dataclass
-class TrainConfig:
+class GeneratorTrainConfig:
     """Every knob of a training run; saved in the checkpoint."""
 
     out: Path
@@ -95,16 +98,6 @@ class TrainConfig:
     @property
     def conditioning(self) -> CaptionConditioning:
         return CaptionConditioning(self.token_positions, self.ordered_pairs, self.canonical_relations)
-
-
-class _StopFlag:
-    """Set by SIGINT/SIGTERM; the loop finishes its step, checkpoints and exits."""
-
-    requested = False
-
-    @classmethod
-    def request(cls, signum: int, frame: Any) -> None:
-        cls.requested = True
 
 
 # ----------------------------------------------------------------------------- data
@@ -146,11 +139,6 @@ def training_captions() -> list[str]:
     """Every caption a run encodes: the train split, the sample grid's and the unconditional prompt."""
     return ([spec.caption for spec in scenes.prompt_splits()["train"]]
             + [spec.caption for _, spec in grid_scenes()] + [UNCONDITIONAL_PROMPT])
-
-
-def to_model_space(images: np.ndarray) -> Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 # ----------------------------------------------------------------------------- objective
@@ -196,7 +184,7 @@ def ema_decay(target: float, step: int) -> float:
     return min(target, (1 + step) / (10 + step))
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
+def learning_rate(cfg: GeneratorTrainConfig, step: int) -> float:
     """Linear warm-up to cfg.lr over cfg.warmup steps, then constant."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
@@ -205,7 +193,7 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def sample_ema(model: torch.nn.Module, encoder: TextEncoder, captions: list[str], cfg: TrainConfig,
+def sample_ema(model: torch.nn.Module, encoder: TextEncoder, captions: list[str], cfg: GeneratorTrainConfig,
                seed: int) -> np.ndarray:
     """uint8 images of ``captions`` by the project's own sampler loop (28-step Euler + CFG)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -235,7 +223,7 @@ def grid_scenes() -> list[tuple[str, scenes.SceneSpec]]:
     return picked
 
 
-def sample_grid(model: torch.nn.Module, encoder: TextEncoder, cfg: TrainConfig, step: int,
+def sample_grid(model: torch.nn.Module, encoder: TextEncoder, cfg: GeneratorTrainConfig, step: int,
                 rows: int = 2) -> Image.Image:
     """Columns of captions: a reference render, then ``rows`` EMA samples, then the caption."""
     model = copy.deepcopy(model).cpu()  # sample on the CPU whatever the training device
@@ -251,7 +239,7 @@ def sample_grid(model: torch.nn.Module, encoder: TextEncoder, cfg: TrainConfig, 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def export(ema: torch.nn.Module, path: Path, step: int, images_seen: int, cfg: TrainConfig) -> None:
+def export(ema: torch.nn.Module, path: Path, step: int, images_seen: int, cfg: GeneratorTrainConfig) -> None:
     """Write the EMA weights (fp16 safetensors + config.json) and the scheduler config to path."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -267,7 +255,7 @@ def export(ema: torch.nn.Module, path: Path, step: int, images_seen: int, cfg: T
 # ----------------------------------------------------------------------------- the loop
 
 
-def build(cfg: TrainConfig) -> dict[str, Any]:
+def build(cfg: GeneratorTrainConfig) -> dict[str, Any]:
     """Model, EMA, optimizer and RNGs: fresh, restored from cfg.out/checkpoint.pt with --resume, or
     started from an exported model's weights with --init-from (fresh optimizer, its step count)."""
     from diffusers import SD3Transformer2DModel
@@ -299,7 +287,7 @@ def build(cfg: TrainConfig) -> dict[str, Any]:
                 transformer_config=transformer_config)
 
 
-def _require_same_conditioning(ckpt: dict[str, Any], path: Path, cfg: TrainConfig) -> None:
+def _require_same_conditioning(ckpt: dict[str, Any], path: Path, cfg: GeneratorTrainConfig) -> None:
     """A resumed run keeps its caption conditioning (checkpoints from before a flag lack it: it was off)."""
     for name in (f.name for f in fields(CaptionConditioning)):
         flag = "--no-" + name.replace("_", "-")
@@ -332,7 +320,7 @@ def _checkpoint_from_export(path: Path, conditioning: CaptionConditioning) -> di
                 transformer_config=config)
 
 
-def checkpoint_state(run: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+def checkpoint_state(run: dict[str, Any], cfg: GeneratorTrainConfig) -> dict[str, Any]:
     """Everything needed to resume bit-for-bit."""
     return dict(step=run["step"], images_seen=run["images_seen"], model=run["model"].state_dict(),
                 ema=run["ema"].state_dict(), optimizer=run["optimizer"].state_dict(), torch_rng=torch.get_rng_state(),
@@ -341,7 +329,7 @@ def checkpoint_state(run: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
                 train_config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()})
 
 
-def train_step(run: dict[str, Any], encoder: TextEncoder, cfg: TrainConfig, x0: Tensor, captions: list[str]) -> float:
+def train_step(run: dict[str, Any], encoder: TextEncoder, cfg: GeneratorTrainConfig, x0: Tensor, captions: list[str]) -> float:
     """One optimizer step on the batch (x0, captions); returns the loss."""
     model, optimizer = run["model"], run["optimizer"]
     tokens, pooled = training_conditioning(encoder, captions, cfg.caption_dropout, cfg.conditioning, cfg.device)
@@ -360,7 +348,7 @@ def train_step(run: dict[str, Any], encoder: TextEncoder, cfg: TrainConfig, x0: 
     return loss.item()
 
 
-def train(cfg: TrainConfig, encoder: TextEncoder | None = None) -> dict[str, Any]:
+def train(cfg: GeneratorTrainConfig, encoder: TextEncoder | None = None) -> dict[str, Any]:
     """Run (or resume) training up to cfg.steps (or cfg.minutes), then export if asked; returns the run state."""
     run = build(cfg)  # first: a bad --resume or --init-from fails before anything is loaded or written
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -372,8 +360,9 @@ def train(cfg: TrainConfig, encoder: TextEncoder | None = None) -> dict[str, Any
     started = last_ckpt = last_log = time.time()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    with open(cfg.out / "loss.jsonl", "a") as log:
-        while run["step"] < cfg.steps and not _StopFlag.requested and not _out_of_time(cfg, started):
+    # SIGTERM / Ctrl-C: finish the step in progress, then the final checkpoint and export below
+    with open(cfg.out / "loss.jsonl", "a") as log, StopSignals() as stop:
+        while run["step"] < cfg.steps and not stop.received and not _out_of_time(cfg, started):
             losses.append(train_step(run, encoder, cfg, *next(data)))
             step = run["step"]
             bar.update(1)
@@ -398,15 +387,16 @@ def train(cfg: TrainConfig, encoder: TextEncoder | None = None) -> dict[str, Any
     return run
 
 
-def _out_of_time(cfg: TrainConfig, started: float) -> bool:
+def _out_of_time(cfg: GeneratorTrainConfig, started: float) -> bool:
     return cfg.minutes is not None and time.time() - started > 60 * cfg.minutes
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Command line -> TrainConfig."""
-    p = argparse.ArgumentParser(prog="python -m rapid3.embedded.train_generator", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = TrainConfig(out=Path("."))
+PROG = "python -m rapid3.embedded.train_generator"  # also `rapid3 embedded train-generator`
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The program's flags (on ``rapid3 embedded train-generator`` and ``python -m``)."""
+    defaults = GeneratorTrainConfig(out=Path("."))
     p.add_argument("--out", type=Path, required=True, help="run folder: checkpoint, loss log, sample grids")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--steps", type=int, default=defaults.steps, help="total optimizer steps to reach")
@@ -438,20 +428,39 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="location of the logit-normal training times; > 0 trains more at high noise (layout)")
     p.add_argument("--save-text-encodings", type=Path,
                    help="write MiniLM's encodings of every caption a run uses to this file and exit")
-    args = vars(p.parse_args(argv))
-    if args["workers"] < 0:
-        p.error(f"--workers {args['workers']}: give 0 (render in the loop) or a number of processes")
-    args["kind_weights"] = _kind_weights(p, args.pop("kind_weight"))
-    save_to = args.pop("save_text_encodings")
-    if save_to is not None:
-        captions = training_captions()
-        save_encodings(MiniLMTextEncoder(), captions, save_to)
-        print(f"wrote the encodings of {len(set(captions))} captions to {save_to}", flush=True)
-        sys.exit(0)
-    return TrainConfig(**args)
 
 
-def _kind_weights(parser: argparse.ArgumentParser, overrides: list[str]) -> dict[str, float]:
+def config_from_args(args: argparse.Namespace) -> GeneratorTrainConfig:
+    """Parsed flags -> GeneratorTrainConfig; ValueError for a bad ``--workers`` or ``--kind-weight``."""
+    if args.workers < 0:
+        raise ValueError(f"--workers {args.workers}: give 0 (render in the loop) or a number of processes")
+    names = {f.name for f in fields(GeneratorTrainConfig)}  # not the flags that are no knob of the run
+    knobs = {name: value for name, value in vars(args).items() if name in names}
+    return GeneratorTrainConfig(**knobs, kind_weights=_kind_weights(args.kind_weight))
+
+
+def save_text_encodings(path: Path) -> None:
+    """``--save-text-encodings``: MiniLM's encodings of every caption a run uses, for a machine without MiniLM."""
+    captions = training_captions()
+    save_encodings(MiniLMTextEncoder(), captions, path)
+    print(f"wrote the encodings of {len(set(captions))} captions to {path}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> GeneratorTrainConfig:
+    """Command line -> GeneratorTrainConfig (``--save-text-encodings`` writes its file and exits)."""
+    parser = program_parser(PROG, __doc__, add_arguments)
+
+    def convert(args: argparse.Namespace) -> GeneratorTrainConfig:
+        if args.save_text_encodings is not None:
+            save_text_encodings(args.save_text_encodings)
+            sys.exit(0)
+        return config_from_args(args)
+
+    return parse_checked(parser, argv, convert)
+
+
+def _kind_weights(overrides: list[str]) -> dict[str, float]:
+    """The training mix with ``--kind-weight KIND=W`` overrides; ValueError for a bad one."""
     weights = dict(scenes.TRAIN_KIND_WEIGHTS)
     for item in overrides:
         kind, _, value = item.partition("=")
@@ -460,25 +469,29 @@ def _kind_weights(parser: argparse.ArgumentParser, overrides: list[str]) -> dict
         except ValueError:
             weight = -1.0
         if kind not in weights or weight < 0:
-            parser.error(f"--kind-weight {item}: give KIND=W with KIND one of {', '.join(weights)} and W >= 0")
+            raise ValueError(f"--kind-weight {item}: give KIND=W with KIND one of {', '.join(weights)} and W >= 0")
         weights[kind] = weight
     if not any(weights.values()):
-        parser.error("--kind-weight: every kind has weight 0; give at least one a positive weight")
+        raise ValueError("--kind-weight: every kind has weight 0; give at least one a positive weight")
     return weights
 
 
-def main(argv: list[str] | None = None) -> None:
-    """CLI entry point."""
-    cfg = parse_args(argv)
-    signal.signal(signal.SIGINT, _StopFlag.request)
-    signal.signal(signal.SIGTERM, _StopFlag.request)
-    try:
-        run = train(cfg)
-    except (CheckpointError, FileNotFoundError) as error:  # a user's --resume / --init-from, not a bug: no traceback
-        sys.exit(f"python -m rapid3.embedded.train_generator: error: {error}")
+def run_cli(args: argparse.Namespace) -> int:
+    """Train (or only ``--save-text-encodings``) from parsed flags; print where the checkpoint is."""
+    if args.save_text_encodings is not None:
+        save_text_encodings(args.save_text_encodings)
+        return 0
+    cfg = config_from_args(args)
+    run = train(cfg)
     exported = f"; EMA model exported to {cfg.export}" if cfg.export is not None else ""
     print(f"stopped at step {run['step']}; checkpoint in {cfg.out / CHECKPOINT}{exported}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rapid3.embedded.train_generator``."""
+    return run_program(PROG, __doc__, add_arguments, run_cli, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

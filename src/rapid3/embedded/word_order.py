@@ -1,6 +1,6 @@
 """Can a generator learn to read word order? A screen for caption conditionings.
 
-    python -m rapid3.embedded.word_order [--model PATH] [--steps 1500] [--eval-every 500] [--out word_order.json]
+    rapid3 embedded word-order [--model PATH] [--steps 1500] [--eval-every 500] [--out word_order.json]
         [--colours red,blue] [--token-positions | --no-token-positions]
 
 Fine-tunes a copy of the model (nothing is written to ``--model``) on captions of two circles, once per
@@ -32,12 +32,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rapid3.common.programs import parse_checked, program_parser
 from rapid3.embedded import scenes
 from rapid3.embedded.checker import check
 from rapid3.embedded.evaluate import generate, relation_outcomes
 from rapid3.embedded.model import SAMPLING_STEPS
-from rapid3.embedded.pipeline import EmbeddedPipeline
-from rapid3.embedded.train_generator import flow_matching_loss, to_model_space, training_conditioning
+from rapid3.embedded.pipeline import EmbeddedPipeline, to_model_space
+from rapid3.embedded.train_generator import flow_matching_loss, training_conditioning
 
 TASKS = ("order", "bag")
 
@@ -107,9 +108,11 @@ def table(result: dict) -> str:
     return "\n".join(rows)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m rapid3.embedded.word_order", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+PROG = "python -m rapid3.embedded.word_order"  # also `rapid3 embedded word-order`
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The program's flags (on ``rapid3 embedded word-order`` and ``python -m``)."""
     p.add_argument("--model", type=Path, help="an exported generator (default: the shipped one)")
     p.add_argument("--steps", type=int, default=1500,
                    help="fine-tuning steps per task (batch 32; ~17 minutes each on 2 CPU cores)")
@@ -119,25 +122,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-positions", action=argparse.BooleanOptionalAction, default=None,
                    help="add token position codes to the captions (default: as the model was trained)")
     p.add_argument("--out", type=Path, default=Path("word_order.json"))
-    args = p.parse_args(argv)
+
+
+def checked(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``colours`` as a pair; ValueError for a bad ``--colours``, ``--steps``, ``--eval-every`` or
+    ``--samples``."""
     colours = tuple(args.colours.split(","))
     if len(colours) != 2 or len(set(colours)) != 2 or not set(colours) <= set(scenes.COLORS):
-        p.error(f"--colours {args.colours}: give two different colours of {', '.join(scenes.COLORS)}")
+        raise ValueError(f"--colours {args.colours}: give two different colours of {', '.join(scenes.COLORS)}")
     for name in ("steps", "eval_every", "samples"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     args.colours = colours
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """CLI entry point: fine-tune, print the table, write the JSON."""
-    args = parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line -> checked arguments (a bad value: the usage error, exit status 2)."""
+    return parse_checked(program_parser(PROG, __doc__, add_arguments), argv, checked)
+
+
+def screen(args: argparse.Namespace) -> dict:
+    """Fine-tune, print the table, write the JSON; the result (``args`` as :func:`checked` returns them)."""
     result = run(args.model, args.steps, args.eval_every, args.samples, args.colours, args.token_positions)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"wrote {args.out}")
     return result
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``rapid3 embedded word-order``."""
+    screen(checked(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m rapid3.embedded.word_order``: the result."""
+    return screen(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """`rapid3 bench`: every method x knob on the embedded pipeline, on the same prompts and seeds.
 
-A *method* is registered in :data:`METHODS` with the knob it sweeps and a factory: most are
-controllers on rapid3's sampler loop (:func:`register_controller`; a learned policy is one more),
-peers are diffusers' own hooks on the peer harness (``baselines/peers.py``). Each (method, knob) is
-an *entry*; the run has three passes:
+A *method* is a value: the knob it sweeps and a factory. Most are controllers on rapid3's sampler
+loop (:func:`controller_method`; a learned policy is one more, :func:`policy_method`), peers are
+diffusers' own hooks on the peer harness (``baselines/peers.py``). :func:`default_methods` builds the
+built-in ones; a run takes the methods it may use as an argument (``run_bench(config, methods)``), so
+no registry is shared between runs. Each (method, knob) is an *entry*; the run has three passes:
 
 1. quality: every entry generates every benchmark image (image i from noise seeded ``seed + i``),
    with its per-step cost accounting;
@@ -75,7 +76,7 @@ class BenchConfig:
     steps: int = SAMPLING_STEPS  # the full-compute sampler's steps, and every method's step cap
     guidance: float = GUIDANCE_SCALE
     batch: int = 32  # images per sampler call in the quality pass (results do not depend on it)
-    methods: tuple[str, ...] | None = None  # None: every registered method
+    methods: tuple[str, ...] | None = None  # names selected among run_bench's methods; None: all of them
     knobs: dict[str, tuple] = field(default_factory=dict)  # per-method sweep overrides
     repeats: int = 5
     timing_images: int = 3
@@ -128,31 +129,26 @@ class Method:
     harness: str = "sampler"
 
 
-METHODS: dict[str, Method] = {}
+Methods = dict[str, Method]
+"""Methods by name: what ``rapid3 bench --methods`` selects from."""
 REFERENCES = {"sampler": "full", "peer": "peer_full"}
 
 
-def register_method(method: Method) -> Method:
-    """Add (or replace) a method in the registry; ``rapid3 bench --methods`` selects by name."""
-    METHODS[method.name] = method
-    return method
+def controller_method(name: str, label: str, knob: str, values: tuple, quick_values: tuple,
+                      factory: Callable[[Any, Bench], Controller]) -> Method:
+    """A sampler-loop controller as a method, e.g. a learned policy::
 
-
-def register_controller(name: str, label: str, knob: str, values: tuple, quick_values: tuple,
-                        factory: Callable[[Any, Bench], Controller]) -> Method:
-    """Register a sampler-loop controller, e.g. a learned policy::
-
-        register_controller("rapid3", "RAPID3", "policy", ("runs/l097",), ("runs/l097",),
-                            lambda path, bench: RapidPolicy.from_pretrained(path))
+        controller_method("rapid3", "RAPID3", "policy", ("runs/l097",), ("runs/l097",),
+                          lambda path, bench: RapidPolicy.from_pretrained(path))
     """
-    return register_method(Method(name, label, knob, tuple(values), tuple(quick_values),
-                                  lambda value, bench: ControllerRunner(bench, factory(value, bench))))
+    return Method(name, label, knob, tuple(values), tuple(quick_values),
+                  lambda value, bench: ControllerRunner(bench, factory(value, bench)))
 
 
-def register_peer(peer: str, label: str, values: tuple, quick_values: tuple) -> Method:
-    """Register a diffusers hook of ``baselines.peers.PEERS`` as a peer method."""
-    return register_method(Method(peer, label, PEERS[peer].knob, tuple(values), tuple(quick_values),
-                                  lambda value, bench: PeerRunner(bench, peer, value), harness="peer"))
+def peer_method(peer: str, label: str, values: tuple, quick_values: tuple) -> Method:
+    """A diffusers hook of ``baselines.peers.PEERS`` as a peer method."""
+    return Method(peer, label, PEERS[peer].knob, tuple(values), tuple(quick_values),
+                  lambda value, bench: PeerRunner(bench, peer, value), harness="peer")
 
 
 # -- the two kinds of runner --------------------------------------------------------------------
@@ -206,23 +202,28 @@ class PeerRunner:
 
 
 # -- the built-in methods -------------------------------------------------------------------------
-register_controller("full", "full compute", "-", (None,), (None,), lambda value, bench: FullCompute())
-register_controller("uniform", "uniform steps", "steps", (20, 14, 10, 7), (14, 7),
-                    lambda steps, bench: UniformSteps(steps))
-register_controller("fora", "FORA / Δ-DiT", "interval", (2, 3, 4, 5), (2, 4),
-                    lambda interval, bench: FixedIntervalCache(interval))
-register_controller("teacache", "TeaCache", "threshold", (0.05, 0.1, 0.2, 0.4), (0.1, 0.3),
-                    lambda threshold, bench: TeaCache(threshold, bench.teacache_coefficients()))
-register_controller("first_block", "FirstBlockCache-style", "threshold", (0.03, 0.06, 0.1, 0.2), (0.05, 0.15),
-                    lambda threshold, bench: FirstBlockCache(threshold))
-register_controller("static_sparse", "static sparse attention", "level", (1, 2, 3), (1, 3),
-                    lambda level, bench: StaticSparse(level))
-register_method(Method("peer_full", "full compute (peer harness)", "-", (None,), (None,),
-                       lambda value, bench: PeerRunner(bench, None, None), harness="peer"))
-register_peer("mag_cache", "diffusers MagCache", (0.02, 0.06, 0.12, 0.24), (0.06, 0.24))
-register_peer("taylorseer_cache", "diffusers TaylorSeer", (2, 3, 5), (3,))
-register_peer("pyramid_attention_broadcast", "diffusers PAB", (2, 3, 4), (2,))
-register_peer("first_block_cache", "diffusers FirstBlockCache", (0.05, 0.1, 0.2), (0.1,))
+def default_methods() -> Methods:
+    """The built-in methods, the two references (full compute on each harness) included, by name."""
+    methods = [
+        controller_method("full", "full compute", "-", (None,), (None,), lambda value, bench: FullCompute()),
+        controller_method("uniform", "uniform steps", "steps", (20, 14, 10, 7), (14, 7),
+                          lambda steps, bench: UniformSteps(steps)),
+        controller_method("fora", "FORA / Δ-DiT", "interval", (2, 3, 4, 5), (2, 4),
+                          lambda interval, bench: FixedIntervalCache(interval)),
+        controller_method("teacache", "TeaCache", "threshold", (0.05, 0.1, 0.2, 0.4), (0.1, 0.3),
+                          lambda threshold, bench: TeaCache(threshold, bench.teacache_coefficients())),
+        controller_method("first_block", "FirstBlockCache-style", "threshold", (0.03, 0.06, 0.1, 0.2),
+                          (0.05, 0.15), lambda threshold, bench: FirstBlockCache(threshold)),
+        controller_method("static_sparse", "static sparse attention", "level", (1, 2, 3), (1, 3),
+                          lambda level, bench: StaticSparse(level)),
+        Method("peer_full", "full compute (peer harness)", "-", (None,), (None,),
+               lambda value, bench: PeerRunner(bench, None, None), harness="peer"),
+        peer_method("mag_cache", "diffusers MagCache", (0.02, 0.06, 0.12, 0.24), (0.06, 0.24)),
+        peer_method("taylorseer_cache", "diffusers TaylorSeer", (2, 3, 5), (3,)),
+        peer_method("pyramid_attention_broadcast", "diffusers PAB", (2, 3, 4), (2,)),
+        peer_method("first_block_cache", "diffusers FirstBlockCache", (0.05, 0.1, 0.2), (0.1,)),
+    ]
+    return {method.name: method for method in methods}
 
 
 # -- the benchmark ----------------------------------------------------------------------------------
@@ -281,16 +282,16 @@ class Entry:
         return self.method.name if self.value is None else f"{self.method.name}={self.value}"
 
 
-def selected_methods(config: BenchConfig) -> list[Method]:
-    """The methods to run, references first: sampler full compute always, the peer harness's when
-    any peer runs."""
-    names = list(METHODS) if config.methods is None else list(config.methods)
-    unknown = [n for n in names if n not in METHODS]
+def selected_methods(config: BenchConfig, methods: Methods) -> list[Method]:
+    """The methods of ``methods`` to run (``config.methods``, default all), references first: sampler full
+    compute always, the peer harness's when any peer runs."""
+    names = list(methods) if config.methods is None else list(config.methods)
+    unknown = [n for n in names if n not in methods]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(METHODS)}")
-    chosen = [METHODS[n] for n in names]
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(methods)}")
+    chosen = [methods[n] for n in names]
     harnesses = {m.harness for m in chosen} | {"sampler"}
-    references = [METHODS[REFERENCES[h]] for h in ("sampler", "peer") if h in harnesses]
+    references = [methods[REFERENCES[h]] for h in ("sampler", "peer") if h in harnesses]
     return references + [m for m in chosen if m not in references]
 
 
@@ -306,11 +307,12 @@ def _attempt(entry: Entry, action: Callable[..., Any], *args: Any) -> Any:
         return None
 
 
-def run_bench(config: BenchConfig, *, reward: Scorer | None = None, discriminator: Scorer | None = None,
-              progress: bool = True) -> dict:
-    """Run the benchmark; write results.json, calibration.json, report.md and plots to ``config.out``."""
+def run_bench(config: BenchConfig, methods: Methods | None = None, *, reward: Scorer | None = None,
+              discriminator: Scorer | None = None, progress: bool = True) -> dict:
+    """Run the benchmark over ``methods`` (default: :func:`default_methods`; ``config.methods`` selects among
+    them); write results.json, calibration.json, report.md and plots to ``config.out``."""
     started = time.perf_counter()
-    methods = selected_methods(config)
+    methods = selected_methods(config, default_methods() if methods is None else methods)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     config.out.mkdir(parents=True, exist_ok=True)
@@ -496,9 +498,9 @@ def load_scorer(spec: str | None) -> Scorer | None:
     return getattr(importlib.import_module(module), name)
 
 
-def register_policies(name: str, label: str, policies: Sequence[str | Path]) -> Method:
-    """Register trained policies (names of shipped ones or folders) as one method swept over its runs: its
-    knob is the discount λ each was trained with when they all differ in it, else the folder."""
+def policy_method(name: str, label: str, policies: Sequence[str | Path]) -> Method:
+    """Trained policies (names of shipped ones or folders) as one method swept over its runs: its knob is
+    the discount λ each was trained with when they all differ in it, else the folder."""
     from ..policy.shipped import load_policy, policy_folder, training_info
 
     folders = [policy_folder(p) for p in policies]
@@ -512,58 +514,56 @@ def register_policies(name: str, label: str, policies: Sequence[str | Path]) -> 
         loaded.check_backbone(bench.pipe.backbone)
         return loaded
 
-    return register_controller(name, label, "lam" if by_lam else "policy", values, values, policy)
+    return controller_method(name, label, "lam" if by_lam else "policy", values, values, policy)
 
 
-def policy_methods(policies: str | None, tpdm: str | None) -> list[str]:
-    """Register ``--policy`` (comma-separated; default: the shipped default policy, when there is one) as
-    "rapid3" and ``--tpdm`` (step-only policies) as "tpdm"; their names."""
+def policy_methods(policies: str | None, tpdm: str | None) -> Methods:
+    """``--policy`` (comma-separated; default: the shipped default policy, when there is one) as method
+    "rapid3" and ``--tpdm`` (step-only policies) as "tpdm", those given."""
     from ..policy.shipped import SHIPPED_POLICIES
 
     if policies is None and (SHIPPED_POLICIES / "default" / "config.json").is_file():
         policies = "default"
-    chosen = []
-    for name, label, given in (("rapid3", "RAPID3 policy", policies), ("tpdm", "TPDM (step-only policy)", tpdm)):
-        if given:
-            register_policies(name, label, given.split(","))
-            chosen.append(name)
-    return chosen
+    given = (("rapid3", "RAPID3 policy", policies), ("tpdm", "TPDM (step-only policy)", tpdm))
+    return {name: policy_method(name, label, paths.split(",")) for name, label, paths in given if paths}
 
 
-def parse_sweeps(specs: list[str] | None) -> dict[str, tuple]:
+def parse_sweeps(specs: list[str] | None, methods: Methods) -> dict[str, tuple]:
     """``["fora=2,3", "teacache=0.1,0.4"]`` -> {method: knob values}, each value of the type of the
     method's own defaults; ValueError naming the method or value that is wrong."""
     sweeps = {}
     for spec in specs or []:
         name, _, values = spec.partition("=")
-        if name not in METHODS or not values:
-            raise ValueError(f"--sweep expects METHOD=V1,V2,... with a registered method ({', '.join(METHODS)}); "
+        if name not in methods or not values:
+            raise ValueError(f"--sweep expects METHOD=V1,V2,... with a registered method ({', '.join(methods)}); "
                              f"got {spec!r}.")
-        kind = type(METHODS[name].values[0])
+        kind = type(methods[name].values[0])
         try:
             sweeps[name] = tuple(kind(v) for v in values.split(","))
         except ValueError:
-            raise ValueError(f"--sweep {spec!r}: {name}'s {METHODS[name].knob} takes {kind.__name__} values.") from None
+            raise ValueError(f"--sweep {spec!r}: {name}'s {methods[name].knob} takes {kind.__name__} values.") from None
     return sweeps
 
 
 def run_cli(args: Any) -> int:
     """``rapid3 bench``: build the config from parsed arguments, run, print where the report is."""
     learned = policy_methods(args.policy, args.tpdm)
+    methods = {**default_methods(), **learned}
     if args.list_methods:
-        for m in METHODS.values():
+        for m in methods.values():
             print(f"{m.name:28s} {m.label} ({m.knob}: {', '.join(map(str, m.values))}; quick: "
                   f"{', '.join(map(str, m.quick_values))})")
         return 0
-    methods = tuple(args.methods.split(",")) if args.methods else None
-    if methods is not None:
-        methods = (*methods, *(name for name in learned if name not in methods))
+    selected = tuple(args.methods.split(",")) if args.methods else None
+    if selected is not None:  # the policies given with --policy / --tpdm run whatever --methods says
+        selected = (*selected, *(name for name in learned if name not in selected))
     config = BenchConfig.create(quick=args.quick, out=args.out, model=args.model, prompts=args.prompts,
                                 singles=args.singles, seed=args.seed, repeats=args.repeats, steps=args.steps,
                                 guidance=args.guidance, timing_images=args.timing_images, batch=args.batch,
-                                calibration=args.calibration, threads=args.threads, methods=methods,
-                                knobs=parse_sweeps(args.sweep))
-    results = run_bench(config, reward=load_scorer(args.reward), discriminator=load_scorer(args.discriminator))
+                                calibration=args.calibration, threads=args.threads, methods=selected,
+                                knobs=parse_sweeps(args.sweep, methods))
+    results = run_bench(config, methods, reward=load_scorer(args.reward),
+                        discriminator=load_scorer(args.discriminator))
     failed = [r["key"] for r in results["entries"] if r["status"] != "ok"]
     print(f"wrote {config.out / 'report.md'} ({len(results['entries'])} entries, {results['bench_seconds']:.0f} s)"
           + (f"; could not run: {', '.join(failed)} (see the report)" if failed else ""))

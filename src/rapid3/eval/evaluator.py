@@ -27,6 +27,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from ..embedded import scenes
+from ..embedded.pipeline import to_model_space
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "evaluator"
 PAIRS = [(color, shape) for color in scenes.COLORS for shape in scenes.SHAPES]
@@ -76,11 +77,6 @@ def image_features(images: np.ndarray, model: AttributeEvaluator, batch: int = 2
     """Evaluator features (N, feature_dim), float64, of uint8 images (N, H, W, 3)."""
     chunks = [model.features(to_model_space(images[i:i + batch])) for i in range(0, len(images), batch)]
     return torch.cat(chunks).double().numpy()
-
-
-def to_model_space(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def targets(spec: scenes.SceneSpec) -> tuple[np.ndarray, int]:

@@ -29,13 +29,17 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from torch import nn
 
-from ..accel.actions import Actions, Observation, check_step_schedule, next_time_from_ratio, next_time_on_grid
+from ..accel.actions import Actions, Observation, next_time_from_ratio, next_time_on_grid
 from ..accel.controllers import UniformSteps
 from ..backbones.diffusers_dit import DiffusersDiT
 from ..backbones.sparse_attention import NUM_SPARSE_LEVELS
 from . import heads
+from .config import PolicyConfig
 from .features import STATE_FEATURES, state_features, token_features
 from .heads import ActionDistribution, Decision
+
+DEFAULTS = PolicyConfig()
+"""The defaults of the knobs a training run chooses."""
 
 
 class RapidPolicy(ModelMixin, ConfigMixin):
@@ -50,26 +54,31 @@ class RapidPolicy(ModelMixin, ConfigMixin):
         latent_channels, patch_size: the backbone's latent channels and patch size. Latents are
             (B, latent_channels, H, W), or packed (B, N, latent_channels * patch_size**2).
         pooled_dim: size of the pooled prompt embedding (``pooled_projections``).
-        hidden_dim: width of the trunk.
-        step_skip, cache_reuse, sparse_attention: which heads are learned. Disabled: the uniform
-            grid of ``default_steps`` / always recompute / always dense, adding 0 to the log-prob.
+        hidden_dim, step_skip, cache_reuse, sparse_attention, step_schedule, init_ratio, init_concentration,
+            init_reuse_prob, init_dense_prob: the knobs a training run chooses, documented and defaulted
+            once in :class:`rapid3.policy.config.PolicyConfig`. A disabled head means the uniform grid of
+            ``default_steps`` / always recompute / always dense, adding 0 to the log-prob.
         num_sparse_levels: sparse levels beyond dense (the Sparse head has 1 + this many logits).
         default_steps: steps of the fixed grid used when Step-Skip is disabled (None: the step cap).
-        step_schedule: how Step-Skip's ratio sets the next time, "grid" or "geometric" (above).
-        init_ratio, init_concentration, init_reuse_prob, init_dense_prob: the fresh policy (above).
     """
 
+    # Explicit arguments, not a PolicyConfig: diffusers' register_to_config writes each one into config.json,
+    # which shipped policies load from. The defaults of a training run's knobs are PolicyConfig's.
     @register_to_config
     def __init__(self, backbone_family: str = "sd3", latent_channels: int = 16, patch_size: int = 2,
-                 pooled_dim: int = 2048, hidden_dim: int = 64, step_skip: bool = True, cache_reuse: bool = True,
-                 sparse_attention: bool = True, num_sparse_levels: int = NUM_SPARSE_LEVELS,
-                 default_steps: int | None = None, init_ratio: float = 0.85, init_concentration: float = 20.0,
-                 init_reuse_prob: float = 0.2, init_dense_prob: float = 0.7, step_schedule: str = "grid") -> None:
+                 pooled_dim: int = 2048, hidden_dim: int = DEFAULTS.hidden_dim, step_skip: bool = DEFAULTS.step_skip,
+                 cache_reuse: bool = DEFAULTS.cache_reuse, sparse_attention: bool = DEFAULTS.sparse_attention,
+                 num_sparse_levels: int = NUM_SPARSE_LEVELS, default_steps: int | None = None,
+                 init_ratio: float = DEFAULTS.init_ratio, init_concentration: float = DEFAULTS.init_concentration,
+                 init_reuse_prob: float = DEFAULTS.init_reuse_prob, init_dense_prob: float = DEFAULTS.init_dense_prob,
+                 step_schedule: str = DEFAULTS.step_schedule) -> None:
         super().__init__()
+        PolicyConfig(hidden_dim=hidden_dim, step_skip=step_skip, cache_reuse=cache_reuse,  # checks the knobs
+                     sparse_attention=sparse_attention, step_schedule=step_schedule, init_ratio=init_ratio,
+                     init_concentration=init_concentration, init_reuse_prob=init_reuse_prob,
+                     init_dense_prob=init_dense_prob)
         _check_config(step_skip=step_skip, cache_reuse=cache_reuse, sparse_attention=sparse_attention,
-                      num_sparse_levels=num_sparse_levels, default_steps=default_steps, init_ratio=init_ratio,
-                      init_concentration=init_concentration, init_reuse_prob=init_reuse_prob,
-                      init_dense_prob=init_dense_prob, step_schedule=step_schedule)
+                      num_sparse_levels=num_sparse_levels, default_steps=default_steps)
         width = hidden_dim
         self.token_proj = nn.Linear(3 * latent_channels * patch_size**2, width)
         self.time_proj = Timesteps(width, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -183,8 +192,8 @@ class RapidPolicy(ModelMixin, ConfigMixin):
 
 
 def _check_config(*, step_skip: bool, cache_reuse: bool, sparse_attention: bool, num_sparse_levels: int,
-                  default_steps: int | None, init_ratio: float, init_concentration: float, init_reuse_prob: float,
-                  init_dense_prob: float, step_schedule: str) -> None:
+                  default_steps: int | None) -> None:
+    """What PolicyConfig does not check: the arguments a training run does not choose, and that a head learns."""
     if not (step_skip or cache_reuse or sparse_attention):
         raise ValueError("RapidPolicy needs at least one head enabled (step_skip, cache_reuse, sparse_attention).")
     if not 1 <= num_sparse_levels <= NUM_SPARSE_LEVELS:
@@ -192,10 +201,3 @@ def _check_config(*, step_skip: bool, cache_reuse: bool, sparse_attention: bool,
                          f"got {num_sparse_levels}.")
     if default_steps is not None and (not isinstance(default_steps, int) or default_steps < 1):
         raise ValueError(f"default_steps must be None or a positive integer, got {default_steps!r}.")
-    for name, value in (("init_ratio", init_ratio), ("init_reuse_prob", init_reuse_prob),
-                        ("init_dense_prob", init_dense_prob)):
-        if not 0 < value < 1:
-            raise ValueError(f"{name} must lie strictly inside (0, 1), got {value}.")
-    if init_concentration <= 0:
-        raise ValueError(f"init_concentration must be positive, got {init_concentration}.")
-    check_step_schedule(step_schedule)

@@ -22,8 +22,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
-from rapid3.embedded.reward import balanced_bce, check_images
 from rapid3.embedded.scenes import IMAGE_SIZE
+from rapid3.rewards.shared import balanced_bce, check_images
 
 
 @runtime_checkable

@@ -11,13 +11,14 @@ import argparse
 import dataclasses
 import difflib
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ..accel.actions import check_step_schedule
+from ..common.knobs import knob
+from ..policy.config import PolicyConfig
 
 if TYPE_CHECKING:
     from ..eval.side_by_side import SideBySideSettings
@@ -28,21 +29,19 @@ CONFIG_FILE = "config.yaml"
 REWARD_TERMS = ("q", "d", "f")
 """q: the reward model, d: the discriminator (the paper's two), f: fidelity to full compute (ours)."""
 STEP_COSTS = ("flops", "measured")
-POLICY_FIELDS = ("hidden_dim", "step_skip", "cache_reuse", "sparse_attention", "step_schedule", "init_ratio",
-                 "init_concentration", "init_reuse_prob", "init_dense_prob")
-"""TrainConfig fields passed unchanged to ``RapidPolicy`` (same names)."""
+POLICY_FIELDS = PolicyConfig.names()
+"""TrainConfig fields passed unchanged to ``RapidPolicy`` (same names): ``PolicyConfig``'s."""
 PIPELINE_FIELDS = ("prompt_file", "eval_prompt_file", "device", "dtype", "height", "width", "disc_model")
 """TrainConfig fields that only apply to a real pipeline (``pipeline``)."""
 
 
-def knob(default: Any, doc: str) -> Any:
-    """A dataclass field with its documentation (shown by ``--help`` and written into config.yaml)."""
-    return field(default=default, metadata={"doc": doc})
-
-
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(PolicyConfig):
     """A GRPO training run of RAPID3's policy on the embedded model or a diffusers SD3 / FLUX pipeline."""
+
+    # The policy's knobs (hidden_dim, step_skip, ..., init_dense_prob) are PolicyConfig's, inherited rather than
+    # nested: run folders' config.yaml, checkpoints and the flags name them flat (`hidden_dim: 64`, `--hidden-dim`),
+    # and a subclass keeps exactly those names while their defaults and documentation live once, in rapid3.policy.
 
     # --- run
     out: str = knob("runs/rapid3", "run folder: checkpoint.pt, config.yaml, log.jsonl, tensorboard/, curves.png, "
@@ -85,17 +84,6 @@ class TrainConfig:
     lam: float = knob(0.97, "compute discount lambda in (0, 1): the speed/quality knob; smaller is faster")
     omega: float = knob(1.0, "weight of the discriminator score d in the reward")
     psi: float = knob(1.0, "weight of the fidelity term f in the reward (with an f reward)")
-    # --- policy (RapidPolicy's own arguments)
-    hidden_dim: int = knob(64, "width of the policy's shared trunk")
-    step_skip: bool = knob(True, "learn the Step-Skip head (else the uniform grid of step_cap steps)")
-    cache_reuse: bool = knob(True, "learn the Cache-Reuse head (else always recompute)")
-    sparse_attention: bool = knob(True, "learn the Sparse-Attention head (else always dense)")
-    step_schedule: str = knob("grid", "Step-Skip's ratio a: 'grid' advances 1/a intervals of the step_cap-step "
-                                      "reference grid (a -> 1: no skip); 'geometric' (the paper's) steps to a * t")
-    init_ratio: float = knob(0.85, "fresh Step-Skip Beta's mode (grid: about step_cap * 0.85 steps)")
-    init_concentration: float = knob(20.0, "fresh Step-Skip Beta's alpha + beta - 2 (higher: less exploration)")
-    init_reuse_prob: float = knob(0.2, "fresh Cache-Reuse probability of reusing when a cache exists")
-    init_dense_prob: float = knob(0.7, "fresh Sparse-Attention probability of dense attention")
     # --- policy optimisation (clipped surrogate, per-decision ratios, no KL)
     lr: float = knob(1e-3, "AdamW learning rate of the policy (constant)")
     weight_decay: float = knob(0.0, "AdamW weight decay of the policy")
@@ -123,7 +111,8 @@ class TrainConfig:
     checkpoint_every: int = knob(1, "iterations between checkpoints (also after the last one)")
 
     def __post_init__(self) -> None:
-        positive = ("iterations", "prompts_per_iteration", "step_cap", "hidden_dim", "inner_epochs", "minibatches",
+        super().__post_init__()  # the policy's knobs
+        positive = ("iterations", "prompts_per_iteration", "step_cap", "inner_epochs", "minibatches",
                     "disc_width", "disc_steps", "disc_batch", "replay_capacity", "eval_every", "eval_prompts",
                     "eval_batch", "checkpoint_every", "reward_image_size")
         for name in positive:
@@ -140,18 +129,16 @@ class TrainConfig:
         if not set(terms) <= set(REWARD_TERMS) or len(set(terms)) != len(terms):
             raise ValueError(f"reward must join distinct terms of {', '.join(REWARD_TERMS)} with '+' (e.g. 'q+d', "
                              f"'q+d+f', 'd'); got {self.reward!r}.")
-        check_step_schedule(self.step_schedule)
         if self.step_costs not in STEP_COSTS:
             raise ValueError(f"step_costs must be one of {', '.join(STEP_COSTS)}; got {self.step_costs!r}.")
         if self.disc_warmup < 0:
             raise ValueError(f"disc_warmup must be >= 0, got {self.disc_warmup}.")
-        for name in ("lam", "init_ratio", "init_reuse_prob", "init_dense_prob"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must lie strictly inside (0, 1), got {getattr(self, name)}.")
+        if not 0 < self.lam < 1:
+            raise ValueError(f"lam must lie strictly inside (0, 1), got {self.lam}.")
         for name in ("omega", "psi", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        for name in ("guidance_scale", "init_concentration", "lr", "clip", "grad_clip", "disc_lr"):
+        for name in ("guidance_scale", "lr", "clip", "grad_clip", "disc_lr"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
 
@@ -217,10 +204,6 @@ class TrainConfig:
 
         return SideBySideSettings(step_cap=self.step_cap, guidance_scale=self.guidance_scale, batch=self.eval_batch,
                                   lam=self.lam, omega=self.omega, psi=self.psi, with_fidelity=self.uses_fidelity)
-
-    def policy_kwargs(self) -> dict[str, Any]:
-        """``RapidPolicy`` arguments set by this config."""
-        return {name: getattr(self, name) for name in POLICY_FIELDS}
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` (checked like YAML values: names and types)."""

@@ -15,10 +15,10 @@ from ..backbones.base import Conditioning
 from ..embedded.checker import checker_accuracy
 from ..embedded.model import GUIDANCE_SCALE
 from ..embedded.pipeline import EmbeddedPipeline, initial_noise, to_uint8
-from ..embedded.reward import RewardModel, load_reward_model
 from ..embedded.scenes import SceneSpec, evaluation_prompts, parse_caption, sample_scene
 from ..embedded.text_encoder import MiniLMTextEncoder
 from ..rewards.discriminator import ImageDiscriminator, ModuleDiscriminator
+from ..rewards.embedded_reward import RewardModel, load_reward_model
 from .base import Generation, ImageWorld, WorldConfig
 
 

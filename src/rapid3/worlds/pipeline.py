@@ -28,9 +28,9 @@ from .base import Generation, ImageWorld, PromptPool, WorldConfig
 
 PIPELINE_CLASSES = {cls.__name__: cls for cls in (StableDiffusion3Pipeline, FluxPipeline)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-EVAL_SEED = 0
-"""Seed of the split that sets held-out prompts aside from a prompt file: fixed, so runs with different
-seeds or knobs evaluate on one set."""
+HELDOUT_SPLIT_SEED = 0
+"""Seed of the split that sets held-out prompts aside from a prompt file (it seeds no noise): fixed, so runs
+with different seeds or knobs evaluate on one set."""
 
 
 class PipelineGenerator:
@@ -176,5 +176,5 @@ def _prompt_split(config: WorldConfig) -> tuple[list[str], list[str]]:
         return [], []
     prompts = read_prompts(config.prompt_file)
     if config.eval_prompt_file is None:
-        return split_prompts(prompts, config.eval_prompts, seed=EVAL_SEED)
+        return split_prompts(prompts, config.eval_prompts, seed=HELDOUT_SPLIT_SEED)
     return prompts, read_prompts(config.eval_prompt_file)[:config.eval_prompts]
