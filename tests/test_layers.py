@@ -1,8 +1,9 @@
 """The package's layers (shared/DESIGN.md, written as an import-linter contract in pyproject.toml): imports
-only point down."""
+only point down, and no module imports another module's private names."""
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -33,3 +34,13 @@ def test_an_import_that_points_up_breaks_the_contract(tmp_path):
     result = lint_imports(tmp_path, ROOT / "pyproject.toml")
     assert result.returncode != 0
     assert "rapid3.backbones is not allowed to import rapid3.train" in result.stdout
+
+
+def test_no_module_imports_another_modules_private_names():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("rapid3")):
+                offenders += [f"{path.relative_to(PACKAGE)}: {node.module}.{alias.name}" for alias in node.names
+                              if alias.name.startswith("_") and not alias.name.startswith("__")]
+    assert not offenders, offenders
