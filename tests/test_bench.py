@@ -162,3 +162,19 @@ def test_sweeps_from_the_command_line_are_typed_and_checked():
 def test_learned_methods_join_one_run_only(results):
     """The policies of a run were passed to it: the built-in methods of the next run are unchanged."""
     assert not {"rapid3", "tpdm"} & bench.default_methods().keys()
+
+
+def test_the_bench_can_caption_its_scenes_in_unseen_words(tiny_model, tmp_path):
+    """`--wording unseen`: the same scenes and seeds, captions no training caption has, said in the report."""
+    from rapid3.embedded.scenes import all_scenes
+
+    out = tmp_path / "unseen"
+    args = ["bench", "--quick", "--model", str(tiny_model), "--methods", "uniform", "--sweep", "uniform=2",
+            "--prompts", "2", "--singles", "1", "--steps", "4", "--out", str(out), "--wording", "unseen"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    grammar = {spec.caption for spec in all_scenes()}
+    assert res["config"]["wording"] == "unseen" and not {p["caption"] for p in res["prompts"]} & grammar
+    assert "`--wording unseen`" in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="wording must be one of grammar, unseen"):
+        bench.BenchConfig(wording="paraphrase")

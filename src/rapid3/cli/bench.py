@@ -25,6 +25,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--sweep", action="append", metavar="METHOD=V1,V2",
                         help="a method's knob values instead of its default sweep (repeatable), e.g. --sweep fora=2,4")
     parser.add_argument("--prompts", type=int, default=None, help="held-out prompts (default 200; --quick 4)")
+    parser.add_argument("--wording", default="grammar", choices=("grammar", "unseen"),
+                        help="caption the scenes in the grammar's words, or in words no training caption has "
+                             "(synonyms, digits, reordered clauses; the checker scores the same scenes)")
     parser.add_argument("--singles", type=int, default=None, help="single-object prompts added (default 25; --quick 2)")
     parser.add_argument("--seed", type=int, default=None, help="image i is seeded SEED + i (default 0)")
     parser.add_argument("--repeats", type=int, default=None, help="latency rounds (default 5; --quick 2)")

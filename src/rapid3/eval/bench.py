@@ -45,6 +45,7 @@ from ..embedded import scenes
 from ..embedded.checker import check
 from ..embedded.model import GUIDANCE_SCALE, SAMPLING_STEPS, WEIGHTS_DIR, embedded_info, load_embedded
 from ..embedded.pipeline import EmbeddedPipeline, initial_noise, to_uint8
+from ..embedded.wordings import unseen_wordings
 from ..rewards import metrics
 from . import plots, report
 from .evaluator import image_features, load_evaluator
@@ -55,6 +56,7 @@ Scorer = Callable[[np.ndarray, list[str]], Sequence[float]]
 # --quick: a smoke test of every method in a few minutes on a CPU; one thread, because on a shared
 # machine two threads over batch-1 work can be 5-50x slower and the timings mostly noise.
 QUICK = {"prompts": 4, "singles": 2, "repeats": 2, "timing_images": 1, "calibration_images": 2, "threads": 1}
+WORDINGS = ("grammar", "unseen")
 CALIBRATION_SEED_OFFSET = 100_000  # calibration images never share noise with benchmark images
 
 
@@ -83,6 +85,11 @@ class BenchConfig:
     calibration_images: int = 4  # full-compute images to calibrate TeaCache and MagCache on
     calibration: Path | None = None  # a calibration.json of an earlier run, to reuse
     threads: int | None = None  # torch CPU threads; None leaves torch's default
+    wording: str = "grammar"  # "unseen": the same scenes in words no training caption has (embedded.wordings)
+
+    def __post_init__(self) -> None:
+        if self.wording not in WORDINGS:
+            raise ValueError(f"wording must be one of {', '.join(WORDINGS)}; got {self.wording!r}.")
 
     @classmethod
     def create(cls, *, quick: bool = False, **given: Any) -> BenchConfig:
@@ -236,6 +243,8 @@ class Bench:
         self.harness = PeerHarness(load_embedded(config.model)[0], self.pipe.backbone, num_steps=config.steps,
                                    guidance_scale=config.guidance)
         self.specs = scenes.evaluation_prompts(config.prompts, config.singles)
+        if config.wording == "unseen":
+            self.specs = unseen_wordings(self.specs)
         self.cond, self.uncond = self.pipe.encode([s.caption for s in self.specs])
         self.noise = initial_noise(len(self.specs), config.seed)
         self.calibration: dict[str, list[float]] = {}
@@ -561,6 +570,7 @@ def run_cli(args: Any) -> int:
                                 singles=args.singles, seed=args.seed, repeats=args.repeats, steps=args.steps,
                                 guidance=args.guidance, timing_images=args.timing_images, batch=args.batch,
                                 calibration=args.calibration, threads=args.threads, methods=selected,
+                                wording=args.wording,
                                 knobs=parse_sweeps(args.sweep, methods))
     results = run_bench(config, methods, reward=load_scorer(args.reward),
                         discriminator=load_scorer(args.discriminator))

@@ -215,7 +215,10 @@ def render(results: dict, figures: dict[str, str]) -> str:
         f"Images: {len(results['prompts'])}, image i from noise seeded {config['seed']} + i: "
         + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
         + ". Multi-object captions are from the held-out split; single-object captions from the train split "
-          "(the held-out split has none by design).", "",
+          "(the held-out split has none by design)."
+        + (" Every scene is captioned in words no training caption has (`--wording unseen`: synonyms, digits, "
+           "reordered clauses; rapid3.embedded.wordings); the checker scores the same scenes."
+           if config.get("wording") == "unseen" else ""), "",
         f"Latency: {config['repeats']} rounds × {n_timing} image(s) at batch 1 per entry; see Definitions.", "",
         "## Results", "",
     ]
