@@ -3,6 +3,8 @@ progress, and a rollout with a NaN or infinity is dropped instead of poisoning t
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import os
@@ -13,10 +15,12 @@ import time
 
 import pytest
 import torch
+import yaml
 from test_distributed import flags
 from test_trainer import SMALL, Fixed, models  # noqa: F401  (the module-scoped tiny models fixture)
 
 from rapid3.cli import main
+from rapid3.common import checkpoint
 from rapid3.common.checkpoint import load_checkpoint
 from rapid3.common.signals import StopSignals
 from rapid3.train.config import TrainConfig
@@ -115,3 +119,85 @@ def test_nan_images_and_log_probs_drop_their_group(small):
     scores = rollout_rewards(rollouts, Fixed([0.5] * 6), None, lam=0.9, omega=1.0)
     kept, kept_scores, dropped = drop_nonfinite_groups(rollouts, scores)
     assert dropped == 2 and kept.prompts == ["a blue square"] * 2 and len(kept_scores["reward"]) == 2
+
+
+# ----------------------------------------------------------------------------- injected faults: each leaves a
+# resumable run and a one-line message
+
+
+class FullDisk(io.RawIOBase):
+    """A file whose writes fail with ENOSPC once ``room`` bytes are written, as a full disk does mid-checkpoint."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def full_disk(path, mode: str) -> FullDisk:
+    """``open`` on a disk with 4 KiB left (a checkpoint is larger)."""
+    return FullDisk(open(path, mode), room=4096)
+
+
+def error_lines(err: str) -> list[str]:
+    """The lines of stderr that report an error (progress bars and warnings share the stream)."""
+    return [line for line in err.splitlines() if ": error: " in line]
+
+
+def test_a_full_disk_while_checkpointing_says_so_and_the_last_checkpoint_survives(small, tmp_path, capsys,
+                                                                                   monkeypatch):
+    out = tmp_path / "run"
+    assert main(["train", *flags(small.replace(iterations=1))]) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(checkpoint, "open", full_disk, raising=False)  # what save_checkpoint opens fills the disk
+    assert main(["train", "--out", str(out), "--resume", "--iterations", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(error_lines(err)) == 1, err[-2000:]
+    assert "the disk is full: could not write the checkpoint" in err and "--resume" in err
+    assert (out / "checkpoint.pt").read_bytes() == before and not (out / "checkpoint.pt.tmp").exists()
+    monkeypatch.undo()  # space freed
+    assert main(["train", "--out", str(out), "--resume", "--iterations", "2"]) == 0
+    assert load_checkpoint(out / "checkpoint.pt")["iteration"] == 2 and logged_iterations(out) == [1, 2]
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume(small, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert main(["train", *flags(small.replace(iterations=1))]) == 0
+    with open(out / "log.jsonl", "a") as log:
+        log.write('{"iteration": 2, "time": 17')  # killed mid-write: no newline, no closing brace
+    with caplog.at_level(logging.WARNING, logger="rapid3"):
+        assert main(["train", "--out", str(out), "--resume", "--iterations", "2"]) == 0
+    assert "dropped a torn last line" in caplog.text
+    assert logged_iterations(out) == [1, 2]
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused_and_a_killed_runs_lock_is_not(small, tmp_path, capsys):
+    out = tmp_path / "run"
+    child = start_training(small.replace(iterations=1000))
+    try:
+        wait_for(lambda: len(logged_iterations(out)) >= 1, child)
+        assert main(["train", *flags(small.replace(seed=1))]) == 2  # the issue's `--seed 1` into the same --out
+        assert main(["train", "--out", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        busy = (f"rapid3 train: error: {out} is in use by another run (PID {child.pid}); wait for it to end or stop "
+                "it, or choose another --out.")
+        assert error_lines(err) == [busy, busy]
+    finally:
+        child.kill()  # SIGKILL: the lock file stays, the lock goes with the process
+        child.communicate(timeout=60)
+    assert (out / "run.lock").exists()
+    done = load_checkpoint(out / "checkpoint.pt")["iteration"]
+    assert main(["train", "--out", str(out), "--resume", "--iterations", str(done + 1)]) == 0
+    assert logged_iterations(out) == list(range(1, done + 2))  # one run's iterations, not two interleaved
+    assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 0  # the refused run changed nothing

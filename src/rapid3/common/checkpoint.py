@@ -11,6 +11,7 @@ untouched.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,13 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], format_tag: str = F
             file.flush()
             os.fsync(file.fileno())  # the data is on disk before the rename makes it the checkpoint
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        full = _disk_full(error)
+        if full is not None:  # torch reports a failed write as "unexpected pos": say what it was
+            raise OSError(full.errno, f"the disk is full: could not write the checkpoint {path} "
+                          f"({os.strerror(full.errno)}); the previous one was left intact. Free some space and "
+                          "continue with --resume.") from error
         raise
     _fsync_dir(path.parent)  # ... and the rename itself survives a power cut
 
@@ -62,6 +68,17 @@ def load_checkpoint(path: str | Path, format_tag: str = FORMAT) -> dict[str, Any
         raise CheckpointError(f"{path} is not a rapid3 training checkpoint of this kind (format {found!r}, expected "
                               f"{format_tag!r}).")
     return state
+
+
+def _disk_full(error: BaseException | None) -> OSError | None:
+    """The ENOSPC / EDQUOT OSError behind ``error`` (itself, or the cause or context torch chained it to)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:

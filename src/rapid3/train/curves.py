@@ -9,7 +9,6 @@ The trainer redraws ``curves.png`` in the run folder after every evaluation.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from ..common.jsonl import read_records  # noqa: E402
 from .config import CONFIG_FILE, TrainConfig  # noqa: E402
 
 CURVES = "curves.png"
@@ -27,7 +27,7 @@ def read_log(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no training log at {path}: give a run folder written by `rapid3 train`.")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(path)  # a run killed mid-write leaves a torn last line
     if not records:
         raise ValueError(f"{path} holds no iteration yet: plot once the run has logged one.")
     return records

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..common.jsonl import read_records, rewrite_records
 from ..policy import RapidPolicy
 
 LOG, TENSORBOARD, EXPORT = "log.jsonl", "tensorboard", "policy"
@@ -22,9 +23,8 @@ class RunLog:
         from torch.utils.tensorboard import SummaryWriter  # imported here: tensorboard is slow to import
 
         self.path = out / LOG
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["iteration"] <= start]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.exists():  # the checkpoint is the truth: a torn tail or records past it are dropped
+            rewrite_records(self.path, [r for r in read_records(self.path) if r.get("iteration", 0) <= start])
         self.writer = SummaryWriter(str(out / TENSORBOARD), purge_step=start + 1)
 
     def write(self, iteration: int, metrics: dict[str, float]) -> None:

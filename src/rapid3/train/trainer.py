@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ from tqdm.auto import tqdm
 from ..accel.controllers import FullCompute
 from ..accel.costs import MeasuredStepCosts
 from ..common.checkpoint import load_checkpoint, save_checkpoint
+from ..common.history import keep_history
+from ..common.run_lock import RunLock
 from ..common.signals import StopSignals
 from ..eval.side_by_side import side_by_side
 from ..policy import RapidPolicy
@@ -301,12 +304,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Run:
     alone evaluates and writes the run folder. SIGTERM or SIGINT stops every rank after the same
     iteration, with a final checkpoint and no export; ``Run.stopped_by`` then names the signal.
     """
-    with joined_world() as world, StopSignals() as signals:
+    with joined_world() as world, StopSignals() as signals, ExitStack() as held:
         out = Path(cfg.out)
         if world.is_main:
             make_run_folder(out)
+            held.enter_context(RunLock(out))  # one run per folder, until this one ends however it ends
         run = build_run(cfg, resume=resume, world=world)
         if world.is_main:
+            keep_history(out, CONFIG_FILE, cfg.to_dict(), f"{'resumed' if resume else 'started'} at iteration "
+                                                           f"{run.iteration}")
             cfg.to_yaml(out / CONFIG_FILE)
             log = RunLog(out, run.iteration)
         bar = tqdm(total=cfg.iterations, initial=run.iteration, desc="grpo", unit="it", dynamic_ncols=True,
