@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ..backbones.base import Backbone, Conditioning, TimeSchedule
 from ..backbones.sparse_attention import NUM_SPARSE_LEVELS
+from ..common.limits import check_finite
 from .actions import Actions, Controller, Observation
 from .costs import MeasuredStepCosts, SampleStats, StepRecord
 
@@ -80,6 +81,7 @@ class Sampler:
     def _check_inputs(self, noise: torch.Tensor, cond: Conditioning, uncond: Conditioning | None,
                       guidance_scale: float) -> list[Conditioning]:
         self.backbone.check_latents(noise)
+        check_finite("guidance_scale", guidance_scale)  # NaN guidance would give black images, exit 0
         if len(cond) != noise.shape[0]:
             raise ValueError(f"The conditioning has {len(cond)} samples but the latents have {noise.shape[0]}.")
         if uncond is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_pipeline_arguments, check_pipeline_flags, world_config
+from .common import add_limits_flag, add_pipeline_arguments, check_pipeline_flags, world_config
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +48,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--discriminator", default=None, metavar="MODULE:FUNCTION",
                         help="discriminator: f(images, prompts)")
     add_pipeline_arguments(parser)
+    add_limits_flag(parser)
     group = parser.add_argument_group(
         "with --pipeline: a trained policy against full compute on a prompt file (equivalent steps, FLOP and "
         "denoiser wall-clock speedups, CLIP score); also reads --out, --prompts (first N, default all), --batch")
@@ -60,11 +61,67 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    _check_knobs(args)
     if args.pipeline is not None:
         return _bench_pipeline(args)
     from ..eval.bench import run_cli
 
     return run_cli(args)
+
+
+def _check_knobs(args: argparse.Namespace) -> None:
+    """Every sized or numeric flag, and the calibration file, before any model loads."""
+    from ..common.limits import check_finite, check_limits, check_seed
+
+    for flag in ("threads", "repeats", "timing_images", "batch", "steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}.")
+    for flag in ("prompts", "singles"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}.")
+    if args.prompts == 0 and (args.singles == 0 or args.pipeline is not None):
+        raise ValueError("--prompts 0" + (" --singles 0" if args.pipeline is None else "") + " leaves nothing to "
+                         "benchmark; give at least one prompt.")
+    check_finite("--guidance", args.guidance)
+    if args.seed is not None:
+        check_seed("--seed", args.seed)
+    check_limits([("steps", "--steps", args.steps), ("batch", "--batch", args.batch),
+                  ("prompts", "--prompts", args.prompts), ("prompts", "--singles", args.singles),
+                  ("image_size", "--height", args.height), ("image_size", "--width", args.width)], args.beyond_limits)
+    _check_sweeps(args.sweep)
+    if args.calibration is not None:
+        _check_calibration(args.calibration)
+
+
+def _check_sweeps(specs: list[str] | None) -> None:
+    """Every --sweep value a positive, finite number: each method's knob (steps, interval, threshold, level) is."""
+    import math
+
+    from ..eval.bench import parse_sweeps
+
+    for method, values in parse_sweeps(specs).items():
+        bad = [v for v in values if isinstance(v, (int, float)) and not (math.isfinite(v) and v > 0)]
+        if bad:
+            raise ValueError(f"--sweep {method}: every value must be a positive number, got "
+                             f"{', '.join(map(str, bad))}.")
+
+
+def _check_calibration(path: Path) -> None:
+    """A calibration.json written by an earlier bench: a JSON object, named in the error if not."""
+    import json
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--calibration: no file at {path}; give the calibration.json of an earlier "
+                                "`rapid3 bench --out` folder.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--calibration {path} is not JSON ({error}); give the calibration.json of an earlier "
+                         "`rapid3 bench --out` folder.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--calibration {path} must hold a JSON object of calibrations (method -> values), got "
+                         f"{type(data).__name__}.")
 
 
 def _bench_pipeline(args: argparse.Namespace) -> int:

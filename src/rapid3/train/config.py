@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..common.knobs import knob
+from ..common.limits import check_finite, check_seed
 from ..policy.config import PolicyConfig
 
 if TYPE_CHECKING:
@@ -111,6 +112,10 @@ class TrainConfig(PolicyConfig):
     checkpoint_every: int = knob(1, "iterations between checkpoints (also after the last one)")
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # first: a NaN passes every comparison below unnoticed
+            if isinstance(getattr(self, f.name), float):
+                check_finite(f.name, getattr(self, f.name))
+        check_seed("seed", self.seed)
         super().__post_init__()  # the policy's knobs
         positive = ("iterations", "prompts_per_iteration", "step_cap", "inner_epochs", "minibatches",
                     "disc_width", "disc_steps", "disc_batch", "replay_capacity", "eval_every", "eval_prompts",
