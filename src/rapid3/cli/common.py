@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from ..worlds import WorldConfig
 
 
@@ -49,3 +51,56 @@ def world_config(args: argparse.Namespace) -> WorldConfig:
 
     return WorldConfig(model=None if args.model is None else str(args.model), pipeline=args.pipeline,
                        device=args.device, dtype=args.dtype, height=args.height, width=args.width)
+
+
+def add_limits_flag(parser: argparse.ArgumentParser) -> None:
+    """The deliberate way past ``rapid3.common.limits``' upper bounds."""
+    from ..common.limits import LIMITS, OVERRIDE_FLAG
+
+    maxima = ", ".join(f"{knob} {limit.maximum:,}" for knob, limit in LIMITS.items())
+    parser.add_argument(OVERRIDE_FLAG, action="store_true",
+                        help=f"allow knobs over their sanity limits ({maxima}); see docs/bad_inputs.md")
+
+
+def check_image_out(path: Path) -> None:
+    """Refuse, before any work, an --out that cannot take one image: a folder, or a name without an image
+    extension PIL can write."""
+    from PIL import Image
+
+    if path.is_dir() or not path.name:
+        raise IsADirectoryError(f"--out {str(path) or '(empty)'} is a folder; give an image file such as "
+                                f"{path / 'rapid3.png'} (with --prompt-file, --out is a folder).")
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {path} has no image extension PIL can write ({path.suffix or 'none'}); end it in "
+                         ".png (or .jpg, .webp).")
+    check_writable(path)
+
+
+def check_folder_out(folder: Path) -> None:
+    """Refuse, before any work, an --out folder that is a file or cannot be created; create nothing yet (a
+    refused run leaves no empty folder behind)."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--out {folder} is a file; with --prompt-file, --out is a folder for the images.")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise PermissionError(f"cannot create or write the output folder {folder} ({existing} is not a writable "
+                              "folder); choose another --out.")
+
+
+def save_image(image: Image.Image, path: Path) -> None:
+    """Save ``image`` to ``path`` whole or not at all (a Ctrl-C mid-write leaves no torn PNG), creating its
+    folder on the first image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format=_image_format(path))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _image_format(path: Path) -> str:
+    """PIL's format name for ``path``'s extension (the temporary file's own extension says nothing)."""
+    from PIL import Image
+
+    return Image.registered_extensions()[path.suffix.lower()]

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import add_pipeline_arguments, check_pipeline_flags, check_writable, world_config
+from .common import (add_limits_flag, add_pipeline_arguments, check_folder_out, check_image_out,
+                     check_pipeline_flags, save_image, world_config)
 
 if TYPE_CHECKING:
     from ..policy import RapidPolicy
@@ -40,16 +41,19 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--scale", type=int, default=None,
                         help="upscale each image by this factor, nearest neighbour (default: 8 for the embedded "
                              "model's 32x32 images, 1 for a pipeline's)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="images per sampler call, each batch written as soon as it is done (default: 16 for "
+                             "the embedded model, 1 for a pipeline)")
     add_pipeline_arguments(parser)
+    add_limits_flag(parser)
     parser.set_defaults(run=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
     check_pipeline_flags(args)
+    _check_knobs(args)
     prompts = _generate_prompts(args)
     paths = _output_paths(args, len(prompts))
-    if args.scale is not None and args.scale < 1:
-        raise ValueError(f"--scale must be >= 1, got {args.scale}.")
     from ..policy.shipped import load_policy
     from ..worlds import build_world
 
@@ -58,10 +62,34 @@ def _run_generate(args: argparse.Namespace) -> int:
     if policy is not None:
         policy.check_backbone(generator.backbone)
         policy.to(generator.backbone.device)
-    for path, (image, seconds, summary) in zip(paths, _generate(generator, args, prompts, policy)):
-        image.save(path)
-        print(f"wrote {path} ({image.width}x{image.height}) in {seconds:.2f} s: {summary}")
+    _write_images(paths, _generate(generator, args, prompts, policy))
     return 0
+
+
+def _check_knobs(args: argparse.Namespace) -> None:
+    """Every number the user sized, before any work: lower bounds, upper bounds, NaN, seed range."""
+    from ..common.limits import check_finite, check_limits, check_seed
+
+    for flag, value in (("--scale", args.scale), ("--batch", args.batch)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}.")
+    check_finite("--guidance", args.guidance)
+    check_seed("--seed", args.seed)
+    check_limits([("steps", "--steps", args.steps), ("scale", "--scale", args.scale), ("batch", "--batch", args.batch),
+                  ("image_size", "--height", args.height), ("image_size", "--width", args.width)], args.beyond_limits)
+
+
+def _write_images(paths: list[Path], results) -> None:
+    """Write each (image, seconds, summary) as it comes, so an interrupt loses only the images in progress."""
+    written = 0
+    try:
+        for path, (image, seconds, summary) in zip(paths, results):
+            save_image(image, path)
+            written += 1
+            print(f"wrote {path} ({image.width}x{image.height}) in {seconds:.2f} s: {summary}")
+    except KeyboardInterrupt:
+        where = f"; they are in {paths[0].parent}" if written else ""
+        raise KeyboardInterrupt(f"interrupted (Ctrl-C) after {written} of {len(paths)} images{where}.") from None
 
 
 def _generate_prompts(args: argparse.Namespace) -> list[str]:
@@ -69,23 +97,43 @@ def _generate_prompts(args: argparse.Namespace) -> list[str]:
     from ..common.prompts import read_prompts
     from ..embedded.pipeline import check_prompt_text
 
+    from ..common.limits import check_limits
+
     if (args.prompt is None) == (args.prompt_file is None):
         raise ValueError("give a prompt or --prompt-file (one of them).")
-    if args.prompt_file is not None:
-        return read_prompts(args.prompt_file)
-    check_prompt_text(args.prompt)
-    return [args.prompt]
+    prompts = [args.prompt] if args.prompt_file is None else read_prompts(args.prompt_file)
+    for prompt in prompts:
+        check_prompt_text(prompt)
+    longest = max(prompts, key=len)
+    check_limits([("prompts", "the number of prompts", len(prompts)),
+                  ("prompt_chars", f"the length of the prompt {longest[:30]!r}...", len(longest))], args.beyond_limits)
+    if args.pipeline is None:  # a diffusers pipeline's text encoders know the words; the embedded model does not
+        _warn_unknown_words(prompts)
+    return prompts
+
+
+def _warn_unknown_words(prompts: list[str], most: int = 5) -> None:
+    """One warning line per prompt with words the embedded model never saw (the first ``most``, then a count)."""
+    import sys
+
+    from ..embedded.vocabulary import vocabulary_warning
+
+    warnings = [line for line in map(vocabulary_warning, prompts) if line]
+    for line in warnings[:most]:
+        print(f"rapid3 generate: warning: {line}", file=sys.stderr)
+    if len(warnings) > most:
+        print(f"rapid3 generate: warning: ... and {len(warnings) - most} more prompts with unknown words.",
+              file=sys.stderr)
 
 
 def _output_paths(args: argparse.Namespace, n: int) -> list[Path]:
-    """Where each image goes: --out itself, or numbered PNGs in the --out folder (made if missing)."""
+    """Where each image goes: --out itself, or numbered PNGs in the --out folder (made with the first image)."""
     if args.prompt_file is None:
-        out = args.out or Path("rapid3.png")
-        check_writable(out)
+        out = Path("rapid3.png") if args.out is None else args.out
+        check_image_out(out)
         return [out]
     folder = args.out or Path("rapid3-images")
-    folder.mkdir(parents=True, exist_ok=True)
-    check_writable(folder / "0.png")
+    check_folder_out(folder)  # made with the first image: a refused run leaves no empty folder
     return [folder / f"{i:04d}.png" for i in range(n)]
 
 
@@ -98,8 +146,9 @@ def _generate(generator: Generator, args: argparse.Namespace, prompts: list[str]
     from ..embedded.pipeline import to_uint8
 
     scale = generator.preview_scale if args.scale is None else args.scale
-    for start in range(0, len(prompts), generator.default_batch):
-        batch = prompts[start:start + generator.default_batch]
+    size = args.batch or generator.default_batch
+    for start in range(0, len(prompts), size):
+        batch = prompts[start:start + size]
         tic = time.perf_counter()
         out = generator.sample(batch, list(range(args.seed + start, args.seed + start + len(batch))),
                                policy or FullCompute(), step_cap=args.steps, guidance_scale=args.guidance,
