@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from rapid3.common.weights_config import Fact, check_config_matches_weights
 from rapid3.embedded.scenes import IMAGE_SIZE
 from rapid3.embedded.text_encoder import HIDDEN_DIM
 
@@ -52,6 +53,27 @@ def embedded_scheduler_config() -> dict[str, Any]:
     return dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 
 
+def _blocks(shapes: dict[str, tuple[int, ...]]) -> int:
+    return len({key.split(".")[1] for key in shapes if key.startswith("transformer_blocks.")})
+
+
+WEIGHT_FACTS = [
+    Fact("num_layers", lambda c: c["num_layers"], _blocks),
+    Fact("num_attention_heads x attention_head_dim", lambda c: c["num_attention_heads"] * c["attention_head_dim"],
+         lambda w: w["pos_embed.proj.weight"][0]),
+    Fact("in_channels", lambda c: c["in_channels"], lambda w: w["pos_embed.proj.weight"][1]),
+    Fact("patch_size", lambda c: c["patch_size"], lambda w: w["pos_embed.proj.weight"][3]),
+    Fact("pos_embed_max_size^2", lambda c: c["pos_embed_max_size"] ** 2, lambda w: w["pos_embed.pos_embed"][1]),
+    Fact("joint_attention_dim", lambda c: c["joint_attention_dim"], lambda w: w["context_embedder.weight"][1]),
+    Fact("caption_projection_dim", lambda c: c["caption_projection_dim"], lambda w: w["context_embedder.weight"][0]),
+    Fact("pooled_projection_dim", lambda c: c["pooled_projection_dim"],
+         lambda w: w["time_text_embed.text_embedder.linear_1.weight"][1]),
+    Fact("out_channels x patch_size^2", lambda c: c["out_channels"] * c["patch_size"] ** 2,
+         lambda w: w["proj_out.weight"][0]),
+]
+"""What an embedded model's config.json implies about its weights' tensors (``check_config_matches_weights``)."""
+
+
 def load_embedded(path: str | Path | None = None, dtype: torch.dtype = torch.float32):
     """Load the shipped embedded model: ``(SD3Transformer2DModel, FlowMatchEulerDiscreteScheduler)``.
 
@@ -68,6 +90,7 @@ def load_embedded(path: str | Path | None = None, dtype: torch.dtype = torch.flo
             "train one with `rapid3 embedded train-generator --out DIR` and export it with "
             "`--resume --steps 0 --export PATH`"
         )
+    check_config_matches_weights(path, "diffusion_pytorch_model.safetensors", SD3Transformer2DModel, WEIGHT_FACTS)
     # safetensors only: a pickled .bin could run code on load. The model is tiny: load it eagerly, with no
     # `accelerate` needed and no warning about its absence.
     transformer = SD3Transformer2DModel.from_pretrained(path, torch_dtype=dtype, local_files_only=True,

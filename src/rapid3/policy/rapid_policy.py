@@ -22,6 +22,8 @@ runs dense with probability ``init_dense_prob`` (0.7).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
@@ -33,6 +35,7 @@ from ..accel.actions import Actions, Observation, next_time_from_ratio, next_tim
 from ..accel.controllers import UniformSteps
 from ..backbones.diffusers_dit import DiffusersDiT
 from ..backbones.sparse_attention import NUM_SPARSE_LEVELS
+from ..common.weights_config import Fact, check_config_matches_weights
 from . import heads
 from .config import PolicyConfig
 from .features import STATE_FEATURES, state_features, token_features
@@ -121,6 +124,9 @@ class RapidPolicy(ModelMixin, ConfigMixin):
         policy is tiny, so it is loaded eagerly: no ``accelerate`` needed and no warning about its absence."""
         kwargs.setdefault("low_cpu_mem_usage", False)
         kwargs.setdefault("use_safetensors", True)
+        if Path(pretrained_model_name_or_path).is_dir():  # a hand-edited config.json: name the field
+            check_config_matches_weights(pretrained_model_name_or_path, f"{WEIGHTS_NAME}.safetensors", cls,
+                                         WEIGHT_FACTS)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def reset(self, batch_size: int) -> None:
@@ -189,6 +195,20 @@ class RapidPolicy(ModelMixin, ConfigMixin):
                              "RapidPolicy with Step-Skip decided.")
         ratio = None if self.step_head is None else actions.step_ratio.to(device)
         return Decision(ratio, reuse, actions.level.to(device).long())
+
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+WEIGHT_FACTS = [
+    Fact("hidden_dim", lambda c: c["hidden_dim"], lambda w: w["token_proj.weight"][0]),
+    Fact("pooled_dim", lambda c: c["pooled_dim"], lambda w: w["prompt_proj.weight"][1]),
+    Fact("3 x latent_channels x patch_size^2", lambda c: 3 * c["latent_channels"] * c["patch_size"] ** 2,
+         lambda w: w["token_proj.weight"][1]),
+    Fact("step_skip", lambda c: c["step_skip"], lambda w: "step_head.weight" in w),
+    Fact("cache_reuse", lambda c: c["cache_reuse"], lambda w: "cache_head.weight" in w),
+    Fact("sparse_attention", lambda c: c["sparse_attention"], lambda w: "sparse_head.weight" in w),
+    Fact("num_sparse_levels", lambda c: c["num_sparse_levels"], lambda w: w["sparse_head.weight"][0] - 1),
+]
+"""What a policy's config.json implies about its weights' tensors (``check_config_matches_weights``)."""
 
 
 def _check_config(*, step_skip: bool, cache_reuse: bool, sparse_attention: bool, num_sparse_levels: int,

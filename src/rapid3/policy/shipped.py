@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from .rapid_policy import RapidPolicy
 
+logger = logging.getLogger("rapid3")
 SHIPPED_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 """Policies shipped in the package, one folder each (safetensors, config.json, rapid3_policy.json)."""
 
 
 def policy_folder(name_or_path: str | Path) -> Path:
-    """A policy folder, or the shipped policy of that name; FileNotFoundError saying how to get one."""
-    path = Path(name_or_path) if Path(name_or_path).is_dir() else SHIPPED_POLICIES / str(name_or_path)
-    if not (path / "config.json").is_file():
-        shipped = sorted(p.parent.name for p in SHIPPED_POLICIES.glob("*/config.json"))
+    """The shipped policy of that name, or a policy folder; FileNotFoundError saying how to get one.
+
+    Precedence: a bare shipped name (``default``) is the shipped policy even when the working directory
+    holds a folder of that name; write the folder as a path (``./default``) to use it instead.
+    """
+    text = str(name_or_path)
+    shipped = sorted(p.parent.name for p in SHIPPED_POLICIES.glob("*/config.json"))
+    if text in shipped and not isinstance(name_or_path, Path):
+        if Path(text).is_dir():
+            logger.warning("--policy %s is the shipped policy; the folder ./%s is not used (write ./%s for it).",
+                           text, text, text)
+        return SHIPPED_POLICIES / text
+    path = Path(name_or_path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the folder {path} is not a policy (no config.json); give the policy folder a run "
+                                "exports (RUN/policy) or a shipped name (" + (", ".join(shipped) or "none") + ").")
+    if not path.is_dir():
         raise FileNotFoundError(
-            f"no policy {str(name_or_path)!r}: neither a policy folder nor a shipped one "
-            f"(shipped: {', '.join(shipped) or 'none'}). Train one with `rapid3 train --out RUN` and pass "
-            "--policy RUN/policy.")
+            f"no policy {text!r}: neither a policy folder nor a shipped one (shipped: {', '.join(shipped) or 'none'}). "
+            "Train one with `rapid3 train --out RUN` and pass --policy RUN/policy.")
     return path
 
 
