@@ -172,7 +172,7 @@ def _claim(results: dict) -> list[str]:
              "| RAPID3 entry | speedup | method (speedup range) | " +
              " | ".join(f"{label} RAPID3 / method (Δ)" for _, label, _ in CLAIM_METRICS) + " |",
              "|---|---|---|" + "---|" * len(CLAIM_METRICS)]
-    below, unreached = [], []
+    below, unreached, compared = [], [], []
     for c in comparisons:
         if all(c[metric][1] is None for metric, _, _ in CLAIM_METRICS):
             unreached.append(f"{c['method']} ({c['range'][0]:.2f}–{c['range'][1]:.2f}×) at {c['speedup']:.2f}×")
@@ -186,11 +186,11 @@ def _claim(results: dict) -> list[str]:
             cells.append(f"{ours:.{digits}f} / {theirs:.{digits}f} ({ours - theirs:+.{digits}f})")
             if ours < theirs:
                 below.append(f"{label} below {c['method']} by {theirs - ours:.{digits}f} at {c['speedup']:.2f}×")
+        compared.append(c["method"])
         low, high = c["range"]
         lines.append(f"| {c['learned']} | {c['speedup']:.2f}× | {c['method']} ({low:.2f}–{high:.2f}×) | "
                      + " | ".join(cells) + " |")
-    verdict = ("**Not above every curve**: " + "; ".join(below) + "." if below
-               else "RAPID3 is at or above every method whose sweep reaches its speedup.")
+    verdict = _verdict(below, list(dict.fromkeys(compared)))
     unmatched = ["", "Not compared (their sweeps do not reach that speedup): " + "; ".join(unreached) + "."] \
         if unreached else []
     dominated = [f"{entry_label(other)} ({other['metrics']['speedup_latency']:.2f}×) over {entry_label(ours)} "
@@ -198,6 +198,16 @@ def _claim(results: dict) -> list[str]:
     dominance = ["", "**Faster and at least as good on every metric**: " + "; ".join(dominated) + "."] \
         if dominated else []
     return lines + unmatched + ["", verdict] + dominance + [""]
+
+
+def _verdict(below: list[str], compared: list[str]) -> str:
+    """The claim's one-sentence verdict, naming what was compared: an empty comparison proves nothing."""
+    if below:
+        return "**Not above every curve**: " + "; ".join(below) + "."
+    if not compared:
+        return ("**Nothing compared**: no other method's sweep reaches RAPID3's speedup, so the claim is unchecked; "
+                "extend their sweeps (`--sweep METHOD=V1,V2`) to reach it.")
+    return f"RAPID3 is at or above every method whose sweep reaches its speedup ({', '.join(compared)})."
 
 
 def render(results: dict, figures: dict[str, str]) -> str:
