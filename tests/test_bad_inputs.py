@@ -3,6 +3,7 @@ Python API gives its clear error (CLI: exit status 2 and the message on stderr, 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from rapid3.baselines.steps import StaticSparse
 from rapid3.cli import main
 from rapid3.common import prompts
 from rapid3.common.checkpoint import CheckpointError, load_checkpoint
+from rapid3.common.run_lock import RunFolderBusy, RunLock
 from rapid3.embedded.model import embedded_transformer_config
 from rapid3.embedded.pipeline import EmbeddedPipeline
 from rapid3.policy import RapidPolicy
@@ -42,6 +44,8 @@ class Case:
     argv: Callable[[Any], list[str]] | None = None
     call: Callable[[Any], object] | None = None
     error: type[Exception] = ValueError
+    warns: bool = False
+    """A warning, not a refusal: the command succeeds (exit 0) and says ``message`` on stderr."""
 
 
 def pickled(folder: Path) -> Path:
@@ -75,10 +79,51 @@ def f(models, tmp_path_factory):  # noqa: F811
     (root / "typo.yaml").write_text("group_sise: 4\n")
     (root / "a-file").write_text("")
     torch.save({"iteration": 1}, root / "foreign.pt")
-    return SimpleNamespace(root=root, model=str(model), reward=str(reward), corrupt=str(corrupt), other=str(other),
+    bad_files(root)
+    RapidPolicy(latent_channels=3, pooled_dim=384, hidden_dim=8).save_pretrained(root / "policy")
+    edited(root / "policy", root / "policy-hidden", {"hidden_dim": 32})
+    edited(root / "policy", root / "policy-empty", None)
+    edited(root / "policy", root / "policy-typed", {"hidden_dim": "sixty-four"})
+    edited(model, root / "model-layers", {"num_layers": 2})
+    (root / "not-a-policy").mkdir()
+    busy = root / "busy"
+    busy.mkdir()
+    lock = RunLock(busy).__enter__()  # held for the module: another run owns this folder
+    yield SimpleNamespace(root=root, model=str(model), reward=str(reward), corrupt=str(corrupt), other=str(other),
                            bin_model=str(pickled(Path(shutil.copytree(model, root / "bin-model")))),
                            bin_reward=str(pickled(Path(shutil.copytree(reward, root / "bin-reward")))),
                            bin_policy=str(pickled(root / "bin-policy")), flux=str(root / "flux"), run=run)
+    lock.__exit__(None, None, None)
+
+
+def bad_files(root: Path) -> None:
+    """Prompt files over the limits, a calibration.json that is not JSON."""
+    (root / "many.txt").write_text("a red circle\n" * 100_001)  # 1.3 MB: over the 100,000-prompt limit
+    (root / "long-line.txt").write_text("a red circle\n" + "a red circle " * 200 + "\n")
+    (root / "calibration.json").write_text("{teacache: [1, 2]")
+
+
+def edited(folder: Path, to: Path, config: dict | None) -> None:
+    """A copy of ``folder`` whose config.json has ``config`` merged in (None: emptied to ``{}``)."""
+    shutil.copytree(folder, to)
+    saved = json.loads((to / "config.json").read_text())
+    (to / "config.json").write_text(json.dumps({} if config is None else {**saved, **config}))
+
+
+def torn_log_run(f, where: str) -> str:
+    """A copy of the 1-iteration run whose log.jsonl has a bad line ``where``: 'middle' (then a good one)."""
+    out = Path(shutil.copytree(f.run, f.root / "runs" / f"log-{where}"))
+    good = (out / "log.jsonl").read_text()
+    (out / "log.jsonl").write_text(good + '{"iteration": 1, "ti\n' + good)
+    return str(out)
+
+
+def train_in_locked_folder(f) -> object:
+    """``train`` into a folder whose lock another holder has (here this process, through another descriptor)."""
+    out = f.root / "locked"
+    out.mkdir(exist_ok=True)
+    with RunLock(out):
+        return train(TrainConfig(**SMALL, model=f.model, reward_model=f.reward, out=str(out)))
 
 
 def fresh(f, name: str) -> str:
@@ -104,6 +149,14 @@ def generate_args(f, *more: str) -> list[str]:
 def oversized_prompt_file(f) -> list[str]:
     with mock.patch.object(prompts, "MAX_BYTES", 16):  # a real one would be over 1 GiB
         return prompts.read_prompts(f.root / "big.txt")
+
+
+def bench_args(f, *more: str) -> list[str]:
+    return ["bench", "--quick", "--model", f.model, "--out", str(f.root / "bench"), *more]
+
+
+def pipeline_args(f, *more: str) -> list[str]:
+    return ["generate", "a red circle", "--pipeline", str(f.root), "--out", str(f.root / "img.png"), *more]
 
 
 def sample_with_sparse_level(f, level: int) -> object:
@@ -189,7 +242,91 @@ CASES = [
          argv=lambda f: ["generate", "a red circle", "--out", str(f.root / "nothing" / "img.png")]),
     Case("steps-zero", "step_cap must be a positive integer, got 0",
          argv=lambda f: generate_args(f, "a red circle", "--steps", "0")),
+    Case("guidance-nan", "--guidance must be a finite number, got nan",
+         argv=lambda f: generate_args(f, "a red circle", "--guidance", "nan")),
+    Case("guidance-inf-policy", "--guidance must be a finite number, got inf",
+         argv=lambda f: generate_args(f, "a red circle", "--guidance", "inf", "--policy", "default")),
+    Case("steps-over-limit", "--steps is 100,000,000, over its limit of 1,000 .*pass --beyond-limits",
+         argv=lambda f: generate_args(f, "a red circle", "--steps", "100000000")),
+    Case("scale-over-limit", "--scale is 2,000, over its limit of 64",
+         argv=lambda f: generate_args(f, "a red circle", "--scale", "2000")),
+    Case("scale-zero", "--scale must be >= 1, got 0", argv=lambda f: generate_args(f, "a red circle", "--scale", "0")),
+    Case("batch-over-limit", "--batch is 5,000, over its limit of 1,024",
+         argv=lambda f: generate_args(f, "a red circle", "--batch", "5000")),
+    Case("batch-zero", "--batch must be >= 1, got 0", argv=lambda f: generate_args(f, "a red circle", "--batch", "0")),
+    Case("height-over-limit", "--height is 100,000, over its limit of 4,096",
+         argv=lambda f: pipeline_args(f, "--height", "100000")),
+    Case("width-over-limit", "--width is 65,536, over its limit of 4,096",
+         argv=lambda f: pipeline_args(f, "--width", "65536")),
+    Case("prompts-over-limit", "the number of prompts is 100,001, over its limit of 100,000",
+         argv=lambda f: ["generate", "--prompt-file", str(f.root / "many.txt"), "--out", str(f.root / "many")]),
+    Case("prompt-chars-over-limit", "the length of the prompt .* is 2,599, over its limit of 2,000",
+         argv=lambda f: ["generate", "--prompt-file", str(f.root / "long-line.txt"), "--out", str(f.root / "long")]),
+    Case("out-is-folder", "--out .* is a folder; give an image file such as",
+         argv=lambda f: generate_args(f, "a red circle", "--out", str(f.root))),
+    Case("out-empty", r"--out \. is a folder", argv=lambda f: generate_args(f, "a red circle", "--out", "")),
+    Case("out-no-extension", r"has no image extension PIL can write \(none\); end it in .png",
+         argv=lambda f: generate_args(f, "a red circle", "--out", str(f.root / "picture"))),
+    Case("out-folder-is-file", "--out .*a-file is a file; with --prompt-file, --out is a folder",
+         argv=lambda f: ["generate", "--prompt-file", str(f.root / "big.txt"), "--out", str(f.root / "a-file")]),
+    Case("seed-overflow", r"--seed must lie in 0..4294967295 \(a 32-bit seed\), got 99999999999999999999999",
+         argv=lambda f: generate_args(f, "a red circle", "--seed", "99999999999999999999999")),
+    Case("seed-negative", "--seed must lie in 0..4294967295", argv=lambda f: generate_args(f, "a red circle", "--seed",
+                                                                                          "-1")),
+    Case("policy-config-hidden", "config.json does not match its weights .*: hidden_dim is 32 but the weights have 8",
+         argv=lambda f: generate_args(f, "a red circle", "--policy", str(f.root / "policy-hidden"))),
+    Case("policy-config-empty", "pooled_dim is 2048 but the weights have 384",
+         argv=lambda f: generate_args(f, "a red circle", "--policy", str(f.root / "policy-empty"))),
+    Case("policy-config-type", "config.json: hidden_dim must be int, got 'sixty-four'",
+         argv=lambda f: generate_args(f, "a red circle", "--policy", str(f.root / "policy-typed"))),
+    Case("model-config-layers", "config.json does not match its weights .*: num_layers is 2 but the weights have 1",
+         argv=lambda f: generate_args(f, "a red circle", "--model", str(f.root / "model-layers"))),
+    Case("policy-folder-not-policy", r"not-a-policy is not a policy \(no config.json\)",
+         argv=lambda f: generate_args(f, "a red circle", "--policy", str(f.root / "not-a-policy"))),
+    Case("prompt-unknown-words", "warning: the embedded model never saw 'hexagon' .*expect noise or the wrong shape",
+         argv=lambda f: generate_args(f, "a purple hexagon"), warns=True),
+    # --- rapid3 train: more
+    Case("run-folder-busy", r"busy is in use by another run \(PID \d+\); wait for it to end or stop it",
+         argv=lambda f: train_args(f, "u", "--out", str(f.root / "busy"))),
+    Case("run-folder-busy-python", r"is in use by another run \(PID \d+\)", call=train_in_locked_folder,
+         error=RunFolderBusy),
+    Case("guidance-scale-nan", "guidance_scale must be a finite number, got nan",
+         argv=lambda f: train_args(f, "v", "--guidance-scale", "nan")),
+    Case("lr-inf", "lr must be a finite number, got inf", argv=lambda f: train_args(f, "w", "--lr", "inf")),
+    Case("seed-overflow-train", "seed must lie in 0..4294967295",
+         argv=lambda f: train_args(f, "x", "--seed", "99999999999999999999999")),
+    Case("step-cap-over-limit", "step_cap is 100,000, over its limit of 1,000",
+         argv=lambda f: train_args(f, "y", "--step-cap", "100000")),
+    Case("group-over-limit", r"trajectories per iteration \(prompts_per_iteration x group_size\) is 16,000",
+         argv=lambda f: train_args(f, "z", "--group-size", "2000")),
+    Case("log-bad-middle-line", r"log.jsonl:2 is not a JSON line .* and is not the last one.*repair or delete",
+         argv=lambda f: ["train", "--resume", "--out", torn_log_run(f, "middle"), "--iterations", "2"]),
+    Case("disc-warmup-never-updated", r"warning: disc_warmup \(100\) >= iterations \(1\): .*untrained",
+         argv=lambda f: train_args(f, "warm", *small_flags(), "--iterations", "1", "--disc-warmup", "100"),
+         warns=True),
+    # --- rapid3 bench
+    Case("bench-nothing", "--prompts 0 --singles 0 leaves nothing to benchmark",
+         argv=lambda f: bench_args(f, "--prompts", "0", "--singles", "0")),
+    Case("bench-threads-zero", "--threads must be >= 1, got 0", argv=lambda f: bench_args(f, "--threads", "0")),
+    Case("bench-sweep-negative", "--sweep fora: every value must be a positive number, got -1, 0",
+         argv=lambda f: bench_args(f, "--sweep", "fora=-1,0")),
+    Case("bench-calibration-not-json", "--calibration .*calibration.json is not JSON",
+         argv=lambda f: bench_args(f, "--calibration", str(f.root / "calibration.json"))),
+    Case("bench-calibration-missing", "--calibration: no file at",
+         argv=lambda f: bench_args(f, "--calibration", str(f.root / "none.json"))),
+    Case("bench-seed-overflow", "--seed must lie in 0..4294967295",
+         argv=lambda f: bench_args(f, "--seed", "99999999999999999999999")),
+    Case("bench-guidance-nan", "--guidance must be a finite number, got nan",
+         argv=lambda f: bench_args(f, "--guidance", "nan")),
+    Case("bench-steps-over-limit", "--steps is 5,000, over its limit of 1,000",
+         argv=lambda f: bench_args(f, "--steps", "5000")),
     # --- Python API
+    Case("sampler-guidance-nan", "guidance_scale must be a finite number, got nan",
+         call=lambda f: EmbeddedPipeline.from_pretrained(f.model)("a red circle", num_inference_steps=2,
+                                                                  guidance_scale=float("nan"))),
+    Case("policy-config-python", "hidden_dim is 32 but the weights have 8",
+         call=lambda f: RapidPolicy.from_pretrained(f.root / "policy-hidden")),
+    Case("config-nan-python", "omega must be a finite number, got nan", call=lambda f: TrainConfig(omega=float("nan"))),
     Case("config-lam", r"lam must lie strictly inside \(0, 1\)", call=lambda f: TrainConfig(lam=-0.5)),
     Case("policy-levels", "num_sparse_levels must be in 1..3", call=lambda f: RapidPolicy(num_sparse_levels=0)),
     Case("sparse-level", "sparsity level must be in 0..3, got 4", call=lambda f: sample_with_sparse_level(f, 4)),
@@ -206,10 +343,15 @@ def test_bad_input_gives_its_clear_error(case, f, capsys):
         with pytest.raises(case.error, match=case.message):
             case.call(f)
         return
-    assert exit_status(case.argv(f)) == 2
+    assert exit_status(case.argv(f)) == (0 if case.warns else 2)
     err = capsys.readouterr().err
     assert re.search(case.message, err), err
     assert "Traceback" not in err
+
+
+def small_flags() -> list[str]:
+    """The tiny test run's knobs as flags."""
+    return [f"--{name.replace('_', '-')}={value}" for name, value in SMALL.items()]
 
 
 def exit_status(argv: list[str]) -> int:
