@@ -12,12 +12,12 @@ from tiny_pipelines import export_tiny_embedded
 
 from rapid3.cli import main
 from rapid3.common.history import HISTORY_FILE, read_history
-from rapid3.embedded.pipeline import EmbeddedPipeline
 from rapid3.eval import report
 from rapid3.policy import RapidPolicy
 from rapid3.policy.shipped import SHIPPED_POLICIES, policy_folder
 from rapid3.train.config import TrainConfig
 from rapid3.train.trainer import train
+from rapid3.worlds.embedded import EmbeddedGenerator
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def tiny_model(tmp_path_factory):
 def test_ctrl_c_keeps_the_finished_images_and_ends_in_one_line(tiny_model, tmp_path, monkeypatch, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n" * 5)
-    real, calls = EmbeddedPipeline.__call__, []
+    real, calls = EmbeddedGenerator.sample, []
 
     def interrupted_second_batch(self, *args, **kwargs):
         calls.append(1)
@@ -36,7 +36,7 @@ def test_ctrl_c_keeps_the_finished_images_and_ends_in_one_line(tiny_model, tmp_p
             raise KeyboardInterrupt  # Ctrl-C while the second batch denoises
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(EmbeddedPipeline, "__call__", interrupted_second_batch)
+    monkeypatch.setattr(EmbeddedGenerator, "sample", interrupted_second_batch)
     out = tmp_path / "images"
     assert main(["generate", "--prompt-file", str(prompts), "--model", tiny_model, "--steps", "2", "--batch", "2",
                  "--out", str(out)]) == 130

@@ -120,7 +120,7 @@ def _check_calibration(path: Path) -> None:
         raise ValueError(f"--calibration {path} is not JSON ({error}); give the calibration.json of an earlier "
                          "`rapid3 bench --out` folder.") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--calibration {path} must hold a JSON object of calibrations (method -> values), got "
+        raise TypeError(f"--calibration {path} must hold a JSON object of calibrations (method -> values), got "
                          f"{type(data).__name__}.")
 
 

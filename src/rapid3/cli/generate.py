@@ -8,8 +8,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import (add_limits_flag, add_pipeline_arguments, check_folder_out, check_image_out,
-                     check_pipeline_flags, save_image, world_config)
+from .common import (
+    add_limits_flag,
+    add_pipeline_arguments,
+    check_folder_out,
+    check_image_out,
+    check_pipeline_flags,
+    save_image,
+    world_config,
+)
 
 if TYPE_CHECKING:
     from ..policy import RapidPolicy
@@ -94,10 +101,9 @@ def _write_images(paths: list[Path], results) -> None:
 
 def _generate_prompts(args: argparse.Namespace) -> list[str]:
     """The positional prompt or the prompt file's, checked before any model loads."""
+    from ..common.limits import check_limits
     from ..common.prompts import read_prompts
     from ..embedded.pipeline import check_prompt_text
-
-    from ..common.limits import check_limits
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise ValueError("give a prompt or --prompt-file (one of them).")

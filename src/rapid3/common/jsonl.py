@@ -32,7 +32,7 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{number} is not a JSON line ({error.msg}) and is not the last one, so no "
                              "crash tore it: repair or delete that line.") from None
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object per line, got {line.strip()[:80]}")
+            raise TypeError(f"{path}:{number}: expected a JSON object per line, got {line.strip()[:80]}")
         records.append(record)
     return records
 

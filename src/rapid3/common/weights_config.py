@@ -42,7 +42,7 @@ def check_config_matches_weights(folder: str | Path, weights_file: str, cls: typ
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{config_path} is not JSON ({error}).") from None
     if not isinstance(given, dict):
-        raise ValueError(f"{config_path} must hold a JSON object of the model's fields.")
+        raise TypeError(f"{config_path} must hold a JSON object of the model's fields.")
     config = {**_defaults(cls), **given}
     _check_types(config, _defaults(cls), config_path)
     shapes = _shapes(weights_path)
@@ -86,6 +86,6 @@ def _shapes(path: Path) -> Shapes | None:
     """Every tensor's shape from the safetensors header; None if the file cannot be read."""
     try:
         with safe_open(path, "pt") as file:
-            return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+            return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118  (not a dict)
     except Exception:  # noqa: BLE001  (safetensors raises its own error types for a torn header)
         return None
