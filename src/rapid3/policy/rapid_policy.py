@@ -124,6 +124,7 @@ class RapidPolicy(ModelMixin, ConfigMixin):
         policy is tiny, so it is loaded eagerly: no ``accelerate`` needed and no warning about its absence."""
         kwargs.setdefault("low_cpu_mem_usage", False)
         kwargs.setdefault("use_safetensors", True)
+        _check_local_path(Path(pretrained_model_name_or_path))
         if Path(pretrained_model_name_or_path).is_dir():  # a hand-edited config.json: name the field
             check_config_matches_weights(pretrained_model_name_or_path, f"{WEIGHTS_NAME}.safetensors", cls,
                                          WEIGHT_FACTS)
@@ -195,6 +196,17 @@ class RapidPolicy(ModelMixin, ConfigMixin):
                              "RapidPolicy with Step-Skip decided.")
         ratio = None if self.step_head is None else actions.step_ratio.to(device)
         return Decision(ratio, reuse, actions.level.to(device).long())
+
+
+def _check_local_path(path: Path) -> None:
+    """Refuse a file, or a missing path that cannot be a Hub id ("org/name"), before diffusers asks the Hub
+    about it (offline: a minute of retries, then a message about internet connections)."""
+    if path.is_file():
+        raise NotADirectoryError(f"{path} is a file; RapidPolicy.from_pretrained takes a policy folder (config.json "
+                                 "+ safetensors), as `rapid3 train` exports to RUN/policy.")
+    text = str(path)
+    if not path.exists() and (path.is_absolute() or text.startswith((".", "~")) or len(path.parts) > 2):
+        raise FileNotFoundError(f"no policy folder at {path}; give the folder `rapid3 train` exports (RUN/policy).")
 
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
