@@ -3,6 +3,7 @@ Python API gives its clear error (CLI: exit status 2 and the message on stderr, 
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -18,7 +19,10 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file
 from test_trainer import SMALL, models  # noqa: F401  (the module-scoped tiny models fixture)
+from tiny_pipelines import tiny_sd3_pipeline
 
+import rapid3
+from rapid3.accel.controllers import FullCompute
 from rapid3.baselines.steps import StaticSparse
 from rapid3.cli import main
 from rapid3.common import prompts
@@ -157,6 +161,23 @@ def bench_args(f, *more: str) -> list[str]:
 
 def pipeline_args(f, *more: str) -> list[str]:
     return ["generate", "a red circle", "--pipeline", str(f.root), "--out", str(f.root / "img.png"), *more]
+
+
+@functools.cache
+def tiny_sd3() -> object:
+    """A tiny random SD3 pipeline (built once: a few seconds)."""
+    return tiny_sd3_pipeline(with_t5=False)
+
+
+def accelerated_call(**kwargs: Any) -> object:
+    """``pipe(...)`` on the tiny SD3 pipeline under ``rapid3.accelerate``."""
+    with rapid3.accelerate(tiny_sd3(), FullCompute()):
+        return tiny_sd3()("a red circle", num_inference_steps=2, output_type="pt", **kwargs)
+
+
+def accelerate_twice() -> object:
+    with rapid3.accelerate(tiny_sd3(), FullCompute()):
+        return rapid3.accelerate(tiny_sd3(), FullCompute())
 
 
 def sample_with_sparse_level(f, level: int) -> object:
@@ -330,6 +351,14 @@ CASES = [
          call=lambda f: RapidPolicy.from_pretrained(f.root / "nothing" / "policy"), error=FileNotFoundError),
     Case("policy-path-file-python", "a-file is a file; RapidPolicy.from_pretrained takes a policy folder",
          call=lambda f: RapidPolicy.from_pretrained(f.root / "a-file"), error=NotADirectoryError),
+    Case("accelerate-guidance-nan", "guidance_scale must be a finite number, got nan",
+         call=lambda f: accelerated_call(guidance_scale=float("nan"))),
+    Case("accelerate-not-pipeline", "rapid3.accelerate supports StableDiffusion3Pipeline, FluxPipeline; got str",
+         call=lambda f: rapid3.accelerate("stabilityai/stable-diffusion-3-medium", FullCompute()), error=TypeError),
+    Case("accelerate-policy-name", r"got str. A policy by name or folder\? Load it first: .*load_policy",
+         call=lambda f: rapid3.accelerate(tiny_sd3(), "default"), error=TypeError),
+    Case("accelerate-twice", "already accelerated by rapid3 .* call `remove\\(\\)` on that handle first",
+         call=lambda f: accelerate_twice(), error=RuntimeError),
     Case("config-nan-python", "omega must be a finite number, got nan", call=lambda f: TrainConfig(omega=float("nan"))),
     Case("config-lam", r"lam must lie strictly inside \(0, 1\)", call=lambda f: TrainConfig(lam=-0.5)),
     Case("policy-levels", "num_sparse_levels must be in 1..3", call=lambda f: RapidPolicy(num_sparse_levels=0)),

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -34,6 +35,7 @@ from .accel.actions import Controller
 from .accel.costs import SampleStats
 from .accel.sampler import Sampler
 from .backbones import ADAPTERS, Conditioning, backbone_for
+from .common.limits import check_finite
 
 # Pipeline arguments both families honour; every other argument of the pipeline's ``__call__`` must
 # stay at its default, because the sampler loop would otherwise silently ignore it.
@@ -208,6 +210,8 @@ class AcceleratedPipeline:
     def _call(self, *args: Any, **kwargs: Any):
         """The accelerated ``pipe.__call__``: the pipeline's own steps around rapid3's denoising loop."""
         pipe, call = self.pipe, self._bind(args, kwargs)
+        for scale in ("guidance_scale", "true_cfg_scale"):  # NaN > 1 is false: it would run unguided, silently
+            check_finite(scale, call.get(scale))
         _call_with_same_names(pipe.check_inputs, call)
         denoising = self._family.prepare(pipe, call, pipe._execution_device)
         # Honour set_progress_bar_config(disable=True), which the pipeline keeps in this attribute.
@@ -310,8 +314,10 @@ def _check_can_accelerate(pipe: Any, controller: Controller) -> _Family:
         supported = ", ".join(f.pipeline_class.__name__ for f in _FAMILIES)
         raise TypeError(f"rapid3.accelerate supports {supported}; got {type(pipe).__name__}.")
     if not isinstance(controller, Controller):
+        hint = (" A policy by name or folder? Load it first: rapid3.policy.shipped.load_policy(NAME_OR_PATH)."
+                if isinstance(controller, (str, Path)) else "")
         raise TypeError(f"controller must implement rapid3's Controller protocol (reset, decide); "
-                        f"got {type(controller).__name__}.")
+                        f"got {type(controller).__name__}.{hint}")
     rapid3_processors = tuple(adapter.processor_cls for adapter in ADAPTERS)
     if any(isinstance(p, rapid3_processors) for p in pipe.transformer.attn_processors.values()):
         raise RuntimeError("The pipeline's transformer is already hooked by a rapid3 backbone (another "
