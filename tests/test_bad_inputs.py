@@ -326,8 +326,12 @@ CASES = [
          argv=lambda f: train_args(f, "warm", *small_flags(), "--iterations", "1", "--disc-warmup", "100"),
          warns=True),
     # --- rapid3 bench
-    Case("bench-nothing", "--prompts 0 --singles 0 leaves nothing to benchmark",
+    Case("bench-nothing", "--prompts 0 and --singles 0 give 0 images; the bench needs at least 2",
          argv=lambda f: bench_args(f, "--prompts", "0", "--singles", "0")),
+    Case("bench-one-image", "--prompts 1 and --singles 0 give 1 images; the bench needs at least 2",
+         argv=lambda f: bench_args(f, "--prompts", "1", "--singles", "0")),
+    Case("bench-pipeline-nothing", "--prompts 0 leaves nothing to benchmark",
+         argv=lambda f: ["bench", "--pipeline", str(f.root), "--prompts", "0"]),
     Case("bench-threads-zero", "--threads must be >= 1, got 0", argv=lambda f: bench_args(f, "--threads", "0")),
     Case("bench-sweep-negative", "--sweep fora: every value must be a positive number, got -1, 0",
          argv=lambda f: bench_args(f, "--sweep", "fora=-1,0")),

@@ -80,9 +80,10 @@ def _check_knobs(args: argparse.Namespace) -> None:
     for flag in ("prompts", "singles"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag)}.")
-    if args.prompts == 0 and (args.singles == 0 or args.pipeline is not None):
-        raise ValueError("--prompts 0" + (" --singles 0" if args.pipeline is None else "") + " leaves nothing to "
-                         "benchmark; give at least one prompt.")
+    if args.pipeline is not None and args.prompts == 0:
+        raise ValueError("--prompts 0 leaves nothing to benchmark; give at least one prompt.")
+    if args.pipeline is None:
+        _check_image_count(args)
     check_finite("--guidance", args.guidance)
     if args.seed is not None:
         check_seed("--seed", args.seed)
@@ -92,6 +93,17 @@ def _check_knobs(args: argparse.Namespace) -> None:
     _check_sweeps(args.sweep)
     if args.calibration is not None:
         _check_calibration(args.calibration)
+
+
+def _check_image_count(args: argparse.Namespace) -> None:
+    """The embedded bench's held-out plus single-object images, its presets filled in: at least 2, for the
+    Frechet distance's covariances (found out only after every method had run, before this check)."""
+    from ..eval.bench import BenchConfig
+
+    sized = BenchConfig.create(quick=args.quick, prompts=args.prompts, singles=args.singles)
+    if sized.prompts + sized.singles < 2:
+        raise ValueError(f"--prompts {sized.prompts} and --singles {sized.singles} give {sized.prompts + sized.singles} "
+                         "images; the bench needs at least 2 (its Frechet distance compares two sets of images).")
 
 
 def _check_sweeps(specs: list[str] | None) -> None:
