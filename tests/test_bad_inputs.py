@@ -380,10 +380,21 @@ def test_bad_input_gives_its_clear_error(case, f, capsys):
         with pytest.raises(case.error, match=case.message):
             case.call(f)
         return
-    assert exit_status(case.argv(f)) == (0 if case.warns else 2)
+    argv = case.argv(f)
+    before = files(f.root)
+    assert exit_status(argv) == (0 if case.warns else 2)
     err = capsys.readouterr().err
     assert re.search(case.message, err), err
     assert "Traceback" not in err
+    if not case.warns:  # a refusal writes nothing: no empty folder, no partial file, no rewritten config
+        assert files(f.root) == before
+
+
+def files(root: Path) -> dict[Path, tuple[int, int]]:
+    """Every path under ``root`` with its size and modification time (folders: their existence; ``run.lock``
+    aside: it holds the PID of the last run that tried the folder)."""
+    return {p: (0, 0) if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.name != "run.lock"}
 
 
 def small_flags() -> list[str]:

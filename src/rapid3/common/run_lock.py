@@ -24,11 +24,23 @@ class RunFolderBusy(OSError):
     """Another live process holds the run folder's lock."""
 
 
-class RunLock:
-    """An exclusive, non-blocking lock on a run folder (which must exist), released on exit."""
+def first_missing(folder: str | Path) -> Path | None:
+    """The outermost of ``folder`` and its parents that does not exist yet (None: ``folder`` exists)."""
+    missing = [p for p in (Path(folder), *Path(folder).parents) if not p.exists()]
+    return missing[-1] if missing else None
 
-    def __init__(self, folder: str | Path) -> None:
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run folder (which must exist), released on exit.
+
+    ``made``: the outermost folder the caller created for this run (the run folder or a parent of it), or
+    None. If the run then fails before writing anything into the run folder (a bad model path, a bad
+    checkpoint), the lock file and the folders made go too: a refusal leaves nothing behind.
+    """
+
+    def __init__(self, folder: str | Path, *, made: Path | None = None) -> None:
         self.path = Path(folder) / LOCK_FILE
+        self.made = made
         self._fd: int | None = None
 
     def __enter__(self) -> Self:
@@ -48,6 +60,18 @@ class RunLock:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the only descriptor releases the lock
-            self._fd = None
+        if self._fd is None:
+            return
+        folder = self.path.parent
+        if self.made is not None and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            # Removed while still locked: a run that opens the file meanwhile fails as busy, one that opens
+            # it after the unlink makes its own folder and file, and this process does nothing more.
+            self.path.unlink()
+            for made in (folder, *folder.parents):
+                if any(made.iterdir()):
+                    break
+                made.rmdir()
+                if made == self.made:
+                    break
+        os.close(self._fd)  # closing the only descriptor releases the lock
+        self._fd = None

@@ -57,7 +57,7 @@ from ..accel.controllers import FullCompute
 from ..accel.costs import MeasuredStepCosts
 from ..common.checkpoint import load_checkpoint, save_checkpoint
 from ..common.history import keep_history
-from ..common.run_lock import RunLock
+from ..common.run_lock import RunLock, first_missing
 from ..common.signals import StopSignals
 from ..eval.side_by_side import side_by_side
 from ..policy import RapidPolicy
@@ -307,14 +307,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Run:
     with joined_world() as world, StopSignals() as signals, ExitStack() as held:
         out = Path(cfg.out)
         if world.is_main:
+            made = first_missing(out)
             make_run_folder(out)
-            held.enter_context(RunLock(out))  # one run per folder, until this one ends however it ends
+            held.enter_context(RunLock(out, made=made))  # one run per folder, until this one ends
         run = build_run(cfg, resume=resume, world=world)
         if world.is_main:
+            log = RunLog(out, run.iteration)  # first: a log it cannot read leaves the config files untouched
             keep_history(out, CONFIG_FILE, cfg.to_dict(), f"{'resumed' if resume else 'started'} at iteration "
                                                            f"{run.iteration}")
             cfg.to_yaml(out / CONFIG_FILE)
-            log = RunLog(out, run.iteration)
         bar = tqdm(total=cfg.iterations, initial=run.iteration, desc="grpo", unit="it", dynamic_ncols=True,
                    disable=not world.is_main)
         saved = run.iteration
