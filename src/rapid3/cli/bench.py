@@ -110,9 +110,10 @@ def _check_sweeps(specs: list[str] | None) -> None:
     """Every --sweep value a positive, finite number: each method's knob (steps, interval, threshold, level) is."""
     import math
 
-    from ..eval.bench import parse_sweeps
+    from ..eval.bench import default_methods, parse_sweeps
 
-    for method, values in parse_sweeps(specs).items():
+    methods = default_methods()  # a learned method's knob is a policy, not a number: run_cli checks it
+    for method, values in parse_sweeps([s for s in specs or [] if s.partition("=")[0] in methods], methods).items():
         bad = [v for v in values if isinstance(v, (int, float)) and not (math.isfinite(v) and v > 0)]
         if bad:
             raise ValueError(f"--sweep {method}: every value must be a positive number, got "
