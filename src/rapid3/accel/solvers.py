@@ -25,9 +25,10 @@ import torch
 SOLVERS = ("euler", "multistep2")
 MULTISTEP_LIMIT = 0.25
 """Largest multistep correction as a fraction of the velocity's norm (per sample); see the module docstring.
-On the embedded model at CFG 4 (16 held-out prompts, PSNR to 28-step Euler), limits 0.1 / 0.25 / 1 (1 never
-binds: plain AB2) gave 19.95 / 19.64 / 18.96 dB at 5 steps, 22.32 / 22.94 / 23.28 at 7 and 26.81 / 26.86 / 24.80
-at 10, against Euler's 19.78 at 5 and 22.10 at 7: 0.25 is the one that does not lose anywhere by much."""
+Chosen on the embedded model at CFG 4 (16 held-out prompts, PSNR to 28-step Euler): limits 0.1 / 0.25 / 1
+(1 never binds: plain AB2) gave 19.95 / 19.64 / 18.96 dB at 5 steps, 22.32 / 22.94 / 23.28 at 7 and
+26.81 / 26.86 / 24.80 at 10; Euler 19.78 / 22.10 / 25.53. It pays from about 7 steps and loses below
+(docs/forecast.md has the 48-prompt numbers)."""
 
 
 def check_solver(name: str) -> str:
