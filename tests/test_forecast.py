@@ -174,3 +174,21 @@ def test_multistep2_first_step_is_euler_and_full_compute_stays_euler_by_default(
     multistep = Sampler(backbone, step_cap=1, solver="multistep2").sample(noise[one], cond.select(one), UniformSteps())
     assert torch.equal(euler.latents, multistep.latents)
     assert Sampler(backbone).solver == "euler"
+
+
+def test_measured_step_costs_price_forecasts(sd3):  # noqa: F811
+    from rapid3.accel.costs import MeasuredStepCosts, measure_step_costs
+
+    backbone, noise, cond, _ = sd3
+    one = torch.tensor([0])
+    costs = measure_step_costs(backbone, noise[one], cond.select(one), repeats=1)
+    assert set(costs.forecast) == {1, 2} and all(0 < c < 1 for c in costs.forecast.values())
+    assert MeasuredStepCosts.from_rows(costs.to_rows()) == costs
+    fixed = MeasuredStepCosts(costs.relative, {1: 0.3, 2: 0.4})
+    result = Sampler(backbone, step_cap=8, step_costs=fixed).sample(noise[one], cond.select(one),
+                                                                    ModeScript({0: FORECASTS}))
+    priced = {"recompute": 1.0, "forecast1": 0.3, "forecast2": 0.4}
+    assert [r.equivalent_steps for r in result.stats.records[0]] == [priced[m] for _, m in FORECASTS]
+    with pytest.raises(ValueError, match="no forecast of order 2 .* measure them again"):
+        Sampler(backbone, step_cap=8, step_costs=MeasuredStepCosts(costs.relative)).sample(
+            noise[one], cond.select(one), ModeScript({0: FORECASTS}))
