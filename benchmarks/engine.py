@@ -23,7 +23,7 @@ from rapid3.accel.cache import ResidualCache, forecast_flops
 from rapid3.accel.costs import interleaved_medians
 from rapid3.backbones import Conditioning, SD3Backbone
 from rapid3.backbones.random_sd3 import HEAD_DIM, HEADS, TEXT_TOKENS, random_sd3_setup
-from rapid3.backbones.sparse_attention import NUM_SPARSE_LEVELS, SPARSE_KEEP_FRACTIONS, sparse_attention
+from rapid3.backbones.sparse_attention import SPARSE_KEEP_FRACTIONS, sparse_attention
 
 ACTIONS = ["full", "reuse", "forecast1", "forecast2"] + [f"keep{k}" for k in SPARSE_KEEP_FRACTIONS]
 CACHE_ORDERS = {"full": None, "reuse": 0, "forecast1": 1, "forecast2": 2}  # None: no cache step
@@ -96,8 +96,9 @@ def measure_size(tokens: int, layers: int, repeats: int) -> dict:
 
 
 def table(results: dict[int, dict]) -> str:
-    lines = ["| image tokens | action | step ms | step speedup | FLOP speedup | realized/predicted | "
-             "attention speedup (time / FLOPs) | cache MiB per sample and branch |", "|---|---|---|---|---|---|---|---|"]
+    header = ("| image tokens | action | step ms | step speedup | FLOP speedup | realized/predicted | "
+              "attention speedup (time / FLOPs) | cache MiB per sample and branch |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for tokens, rows in results.items():
         for name, r in rows.items():
             attn = (f"{r['attention_speedup']:.2f}x / {r['attention_flop_speedup']:.2f}x"

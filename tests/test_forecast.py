@@ -74,7 +74,7 @@ def test_order_zero_is_todays_reuse_bit_for_bit(sd3):  # noqa: F811
     backbone, noise, cond, uncond = sd3
     script = {0: MIXED, 1: MIXED[::-1]}
     rows = torch.arange(2)
-    kwargs = dict(uncond=uncond.select(rows), guidance_scale=3.0)
+    kwargs = {"uncond": uncond.select(rows), "guidance_scale": 3.0}
     plain = Sampler(backbone, step_cap=8).sample(noise[:2], cond.select(rows), ScriptedController(script), **kwargs)
     as_modes = ModeScript({i: [(r, U if reuse else R) for r, reuse, _ in s] for i, s in script.items()})
     as_modes.scripts = script  # same levels as the plain run

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from ..backbones.base import Backbone, Conditioning, TimeSchedule
 from ..backbones.sparse_attention import NUM_SPARSE_LEVELS
 from .actions import Actions, Controller, Observation
-from .cache import CACHE_MODES, ResidualCache, cache_mode, check_forecast_order, forecast_flops
+from .cache import MAX_FORECAST_ORDER, ResidualCache, cache_mode, check_forecast_order, forecast_flops
 from .costs import MeasuredStepCosts, SampleStats, StepRecord
 from .solvers import check_solver, multistep2_velocity
 
@@ -178,9 +178,9 @@ class _Run:
         name, order = type(self.controller).__name__, actions.order
         if order is None:
             return cache_mode(reuse, None)
-        if tuple(order.shape) != (len(obs),) or bool((order < 0).any()) or bool((order > len(CACHE_MODES) - 2).any()):
+        if tuple(order.shape) != (len(obs),) or bool((order < 0).any()) or bool((order > MAX_FORECAST_ORDER).any()):
             raise ValueError(f"{name} returned forecast orders {order.tolist()}; expected one per sample in "
-                             f"0..{len(CACHE_MODES) - 2} (0 reuse, 1 and 2 forecast).")
+                             f"0..{MAX_FORECAST_ORDER} (0 reuse, 1 and 2 forecast).")
         beyond = reuse & (order.long() >= obs.cache_depth)
         if bool(beyond.any()):
             wanted, held = int(order[beyond].max()), int(obs.cache_depth[beyond].min())
