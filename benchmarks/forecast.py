@@ -60,22 +60,12 @@ def run(pipe: EmbeddedPipeline, prompts: list[str], name: str, batch: int) -> di
     images, k, seconds = [], [], []
     for start in range(0, len(prompts), batch):
         part = prompts[start:start + batch]
-        result = sample(pipe, part, range(start, start + len(part)), factory(), solver)
+        result = pipe.sample(part, range(start, start + len(part)), factory(), num_inference_steps=SAMPLING_STEPS,
+                             guidance_scale=GUIDANCE_SCALE, solver=solver)
         images.append(to_uint8(result.latents.clamp(-1, 1)))
         k.append(result.stats.equivalent_steps)
         seconds.append(result.stats.seconds)
     return {"images": np.concatenate(images), "k": torch.cat(k).numpy(), "seconds": torch.cat(seconds).numpy()}
-
-
-def sample(pipe: EmbeddedPipeline, prompts: list[str], seeds: range, controller: Controller, solver: str):
-    """``EmbeddedPipeline.sample`` with a solver: the same noise, conditioning and guidance."""
-    from rapid3.accel.sampler import Sampler
-    from rapid3.embedded.pipeline import initial_noise
-
-    cond, uncond = pipe.encode(prompts)
-    noise = torch.cat([initial_noise(1, seed) for seed in seeds])
-    return Sampler(pipe.backbone, step_cap=SAMPLING_STEPS, solver=solver).sample(
-        noise, cond, controller, uncond=uncond, guidance_scale=GUIDANCE_SCALE)
 
 
 def score(out: dict, reference: dict, specs, full_seconds: float) -> dict:
