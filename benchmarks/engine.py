@@ -1,7 +1,8 @@
 """Engine benchmark: wall-clock vs FLOPs of each action on a random-weight SD3-architecture DiT.
 
 For each image-token count, one transformer step is timed as a full step, a reuse step (every
-block skipped) and at each sparse level, interleaved round by round so machine drift hits all of
+block skipped), a forecast step of order 1 and 2 (every block skipped, the residual extrapolated from
+2 or 3 cached ones) and at each sparse level, interleaved round by round so machine drift hits all of
 them alike; the attention kernel alone is timed the same way (dense SDPA vs each level). Every
 ratio is taken from medians of the same run. Writes JSON (``--out``) and prints a Markdown table.
 
@@ -18,12 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rapid3.accel.cache import ResidualCache, forecast_flops
 from rapid3.accel.costs import interleaved_medians
 from rapid3.backbones import Conditioning, SD3Backbone
 from rapid3.backbones.random_sd3 import HEAD_DIM, HEADS, TEXT_TOKENS, random_sd3_setup
-from rapid3.backbones.sparse_attention import NUM_SPARSE_LEVELS, SPARSE_KEEP_FRACTIONS, sparse_attention
+from rapid3.backbones.sparse_attention import SPARSE_KEEP_FRACTIONS, sparse_attention
 
-ACTIONS = ["full", "reuse"] + [f"keep{k}" for k in SPARSE_KEEP_FRACTIONS]
+ACTIONS = ["full", "reuse", "forecast1", "forecast2"] + [f"keep{k}" for k in SPARSE_KEEP_FRACTIONS]
+CACHE_ORDERS = {"full": None, "reuse": 0, "forecast1": 1, "forecast2": 2}  # None: no cache step
 
 
 def build_inputs(tokens: int, layers: int) -> tuple[SD3Backbone, torch.Tensor, Conditioning]:
@@ -32,11 +35,22 @@ def build_inputs(tokens: int, layers: int) -> tuple[SD3Backbone, torch.Tensor, C
     return backbone, noise, cond
 
 
+def filled_cache(backbone: SD3Backbone, latents: torch.Tensor, cond: Conditioning) -> ResidualCache:
+    """A one-sample cache holding three full computations at distinct noise levels, as a run leaves it."""
+    cache = ResidualCache(1, 1, depth=3)
+    for sigma in (0.9, 0.8, 0.7):
+        sigma = torch.tensor([sigma])
+        cache.store(torch.tensor([0]), backbone.forward(latents, sigma, cond).residual, sigma)
+    return cache
+
+
 def step_runners(backbone: SD3Backbone, latents: torch.Tensor, cond: Conditioning) -> dict:
-    sigma = torch.tensor([0.6])
-    residual = backbone.forward(latents, sigma, cond).residual
-    runners = {"full": lambda: backbone.forward(latents, sigma, cond),
-               "reuse": lambda: backbone.forward(latents, sigma, cond, reuse_residual=residual)}
+    sigma, cache, row = torch.tensor([0.6]), filled_cache(backbone, latents, cond), torch.tensor([0])
+    runners = {"full": lambda: backbone.forward(latents, sigma, cond)}
+    for name, order in CACHE_ORDERS.items():  # the forecast is part of the step, so it is timed with it
+        if order is not None:
+            runners[name] = lambda order=order: backbone.forward(latents, sigma, cond,
+                                                                 reuse_residual=cache.rows(row, sigma, order))
     for level, keep in enumerate(SPARSE_KEEP_FRACTIONS, start=1):
         runners[f"keep{keep}"] = lambda level=level: backbone.forward(latents, sigma, cond, level=level)
     return runners
@@ -54,10 +68,13 @@ def attention_runners(tokens: int) -> dict:
 def measure_size(tokens: int, layers: int, repeats: int) -> dict:
     backbone, latents, cond = build_inputs(tokens, layers)
     flops = {}
-    for name, (level, reuse) in zip(ACTIONS, [(0, False), (0, True)] + [(lv, False) for lv in
-                                                                        range(1, NUM_SPARSE_LEVELS + 1)]):
-        non_attention, attention = backbone.row_flops(latents, cond, level=level, reuse=reuse)
-        flops[name] = {"total": non_attention + attention, "attention": attention}
+    levels = {name: 0 for name in CACHE_ORDERS} | {f"keep{k}": lv for lv, k in enumerate(SPARSE_KEEP_FRACTIONS, 1)}
+    residual_values = filled_cache(backbone, latents, cond).row_numel
+    for name in ACTIONS:
+        order = CACHE_ORDERS.get(name)
+        non_attention, attention = backbone.row_flops(latents, cond, level=levels[name], reuse=order is not None)
+        extra = 0 if order is None else forecast_flops(order, residual_values)
+        flops[name] = {"total": non_attention + attention + extra, "attention": attention}
     with torch.no_grad():
         step = interleaved_medians(step_runners(backbone, latents, cond), repeats)
         attention = interleaved_medians(attention_runners(tokens), repeats)
@@ -69,6 +86,8 @@ def measure_size(tokens: int, layers: int, repeats: int) -> dict:
             "step_seconds": step[name], "step_speedup": time_speedup, "flop_speedup": flop_speedup,
             "realized_over_predicted": time_speedup / flop_speedup, "gflops": flops[name]["total"] / 1e9,
         }
+        if CACHE_ORDERS.get(name) is not None:  # residuals kept per sample and guidance branch (float32)
+            rows[name]["cache_mib_per_sample_branch"] = 4 * residual_values * (CACHE_ORDERS[name] + 1) / 2**20
         if name in attention:
             rows[name]["attention_seconds"] = attention[name]
             rows[name]["attention_speedup"] = attention["full"] / attention[name]
@@ -77,14 +96,16 @@ def measure_size(tokens: int, layers: int, repeats: int) -> dict:
 
 
 def table(results: dict[int, dict]) -> str:
-    lines = ["| image tokens | action | step ms | step speedup | FLOP speedup | realized/predicted | "
-             "attention speedup (time / FLOPs) |", "|---|---|---|---|---|---|---|"]
+    header = ("| image tokens | action | step ms | step speedup | FLOP speedup | realized/predicted | "
+              "attention speedup (time / FLOPs) | cache MiB per sample and branch |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for tokens, rows in results.items():
         for name, r in rows.items():
             attn = (f"{r['attention_speedup']:.2f}x / {r['attention_flop_speedup']:.2f}x"
                     if "attention_speedup" in r and name != "full" else "")
+            memory = f"{r['cache_mib_per_sample_branch']:.2f}" if "cache_mib_per_sample_branch" in r else ""
             lines.append(f"| {tokens} | {name} | {1000 * r['step_seconds']:.1f} | {r['step_speedup']:.2f}x | "
-                         f"{r['flop_speedup']:.2f}x | {r['realized_over_predicted']:.2f} | {attn} |")
+                         f"{r['flop_speedup']:.2f}x | {r['realized_over_predicted']:.2f} | {attn} | {memory} |")
     return "\n".join(lines)
 
 

@@ -186,6 +186,28 @@ def test_unsupported_pipelines_and_controllers_are_rejected(sd3):
     assert type(sd3) is StableDiffusion3Pipeline and _rapid3_leftovers(sd3.transformer) == []
 
 
+def test_other_flow_schedulers_need_a_named_solver(sd3, plain_latents):
+    """A non-Euler flow-matching scheduler is refused by name unless a solver is named; with solver="euler"
+    the loop samples that scheduler's time schedule with Euler steps (here: the same as the Euler pipeline)."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    original = sd3.scheduler
+    try:
+        sd3.scheduler = FlowMatchHeunDiscreteScheduler.from_config(original.config)
+        with pytest.raises(TypeError, match="not the pipeline's FlowMatchHeunDiscreteScheduler: pass solver="):
+            rapid3.accelerate(sd3, FullCompute())
+        with pytest.raises(ValueError, match="solver must be one of euler, multistep2"):
+            rapid3.accelerate(sd3, FullCompute(), solver="heun")
+        with rapid3.accelerate(sd3, FullCompute(), solver="euler"):
+            latents = _run(sd3, {**SD3_CALL, "output_type": "latent"})[0]
+        torch.testing.assert_close(latents, plain_latents["sd3"], rtol=1e-5, atol=1e-5)
+        with rapid3.accelerate(sd3, FullCompute(), solver="multistep2") as handle:
+            second_order = _run(sd3, {**SD3_CALL, "output_type": "latent"})[0]
+        assert handle.solver == "multistep2" and not torch.allclose(second_order, latents)
+    finally:
+        sd3.scheduler = original
+
+
 @pytest.mark.parametrize(("family", "bad"), [
     ("sd3", {"callback_on_step_end": lambda pipe, i, t, kwargs: kwargs}),
     ("sd3", {"sigmas": [1.0, 0.5, 0.25, 0.1], "skip_guidance_layers": [1]}),

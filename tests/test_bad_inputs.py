@@ -23,13 +23,14 @@ from tiny_pipelines import tiny_sd3_pipeline
 
 import rapid3
 from rapid3.accel.controllers import FullCompute
-from rapid3.baselines.steps import StaticSparse
+from rapid3.accel.sampler import Sampler
+from rapid3.baselines.steps import FixedIntervalCache, StaticSparse, TaylorSeerCache
 from rapid3.cli import main
 from rapid3.common import prompts
 from rapid3.common.checkpoint import CheckpointError, load_checkpoint
 from rapid3.common.run_lock import RunFolderBusy, RunLock
 from rapid3.embedded.model import embedded_transformer_config
-from rapid3.embedded.pipeline import EmbeddedPipeline
+from rapid3.embedded.pipeline import EmbeddedPipeline, initial_noise
 from rapid3.policy import RapidPolicy
 from rapid3.train.config import TrainConfig
 from rapid3.train.distributed import World, world_from_env
@@ -183,6 +184,32 @@ def accelerate_twice() -> object:
 def sample_with_sparse_level(f, level: int) -> object:
     return EmbeddedPipeline.from_pretrained(f.model)("a red circle", num_inference_steps=2,
                                                      controller=StaticSparse(level))
+
+
+class GreedyForecast(FixedIntervalCache):
+    """Asks for an order-2 forecast on every cache step, whatever its samples' histories hold."""
+
+    def decide(self, obs):
+        actions = super().decide(obs)
+        actions.order = torch.full_like(actions.level, 2)
+        return actions
+
+
+def sample_embedded(f, controller, solver: str = "euler") -> object:
+    """Two steps of the embedded model at CFG 4 with ``controller`` and ``solver``."""
+    pipe = EmbeddedPipeline.from_pretrained(f.model)
+    cond, uncond = pipe.encode(["a red circle"])
+    return Sampler(pipe.backbone, step_cap=3, solver=solver).sample(initial_noise(1, 0), cond, controller,
+                                                                     uncond=uncond, guidance_scale=4.0)
+
+
+def accelerate_heun(f) -> object:
+    from diffusers import FlowMatchHeunDiscreteScheduler
+    from tiny_pipelines import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    return rapid3.accelerate(pipe, FullCompute())
 
 
 SAFETENSORS_ONLY = f"no file named {WEIGHTS}.safetensors"
@@ -371,6 +398,14 @@ CASES = [
          error=OSError),
     Case("checkpoint-empty-python", "is corrupt or truncated", error=CheckpointError,
          call=lambda f: load_checkpoint(damaged_run(f, "empty", b"") + "/checkpoint.pt")),
+    Case("cache-mode-unknown", r"order must be a forecast order in 0..2 \(0 reuses",
+         call=lambda f: TaylorSeerCache(3, 3)),
+    Case("forecast-beyond-history", "asked for a forecast of order 2 from a cache holding 1 full computation",
+         call=lambda f: sample_embedded(f, GreedyForecast(2))),
+    Case("solver-unknown", "solver must be one of euler, multistep2",
+         call=lambda f: sample_embedded(f, FullCompute(), solver="heun")),
+    Case("scheduler-not-euler", "not the pipeline's FlowMatchHeunDiscreteScheduler: pass solver=", error=TypeError,
+         call=accelerate_heun),
 ]
 
 

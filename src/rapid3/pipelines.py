@@ -34,6 +34,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 from .accel.actions import Controller
 from .accel.costs import SampleStats
 from .accel.sampler import Sampler
+from .accel.solvers import check_solver
 from .backbones import ADAPTERS, Conditioning, backbone_for
 from .common.limits import check_finite
 
@@ -165,11 +166,13 @@ class AcceleratedPipeline:
             completed call (steps, blocks, FLOPs, equivalent steps, and every step's actions in
             ``records``); `None` before the first call.
         last_step_cap (`int` or `None`): The step cap (``num_inference_steps``) of the last completed call.
+        solver (`str`): How the sampler loop integrates each step ("euler" or "multistep2").
     """
 
-    def __init__(self, pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Controller) -> None:
-        self._family = _check_can_accelerate(pipe, controller)
-        self.pipe, self.controller = pipe, controller
+    def __init__(self, pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Controller,
+                 solver: str | None = None) -> None:
+        self._family = _check_can_accelerate(pipe, controller, solver)
+        self.pipe, self.controller, self.solver = pipe, controller, solver or "euler"
         self.last_stats: SampleStats | None = None
         self.last_step_cap: int | None = None
         self.backbone = backbone_for(pipe.transformer, pipe.scheduler)
@@ -216,7 +219,7 @@ class AcceleratedPipeline:
         denoising = self._family.prepare(pipe, call, pipe._execution_device)
         # Honour set_progress_bar_config(disable=True), which the pipeline keeps in this attribute.
         progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-        sampler = Sampler(self.backbone, step_cap=call["num_inference_steps"], progress=progress)
+        sampler = Sampler(self.backbone, step_cap=call["num_inference_steps"], progress=progress, solver=self.solver)
         result = sampler.sample(denoising.latents, denoising.cond, self.controller, uncond=denoising.uncond,
                                 guidance_scale=denoising.guidance_scale)
         self.last_stats, self.last_step_cap = result.stats, call["num_inference_steps"]
@@ -256,7 +259,8 @@ class AcceleratedPipeline:
         return pipe.image_processor.postprocess(image, output_type=call["output_type"])
 
 
-def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Controller) -> AcceleratedPipeline:
+def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Controller, *,
+               solver: str | None = None) -> AcceleratedPipeline:
     r"""
     Make ``pipe(...)`` denoise with rapid3's sampler loop, driven by ``controller``.
 
@@ -275,6 +279,11 @@ def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Contro
             The pipeline to accelerate (exactly these classes), with a ``FlowMatchEulerDiscreteScheduler``.
         controller ([`~accel.actions.Controller`]):
             Decides every step, per image: a learned ``RapidPolicy`` or a baseline such as ``FullCompute()``.
+        solver (`str`, *optional*):
+            "euler" or "multistep2" (``rapid3.accel.solvers``). By default the pipeline's scheduler must be
+            the ``FlowMatchEulerDiscreteScheduler`` that the loop reproduces; naming a solver also accepts
+            diffusers' other flow-matching schedulers, whose time schedule (shift) is then kept and whose
+            update rule is replaced by the named solver.
 
     Returns:
         [`AcceleratedPipeline`]: The handle: per-call statistics (``last_stats``,
@@ -282,8 +291,9 @@ def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Contro
         context manager that removes itself on exit.
 
     Raises:
-        TypeError: For another pipeline class, a transformer or scheduler class rapid3 cannot drive, or a
-            ``controller`` that is not a controller.
+        TypeError: For another pipeline class, a transformer or scheduler class rapid3 cannot drive (a
+            non-Euler flow-matching scheduler unless ``solver`` is given), or a ``controller`` that is not a
+            controller.
         ValueError: For scheduler options the sampler loop does not follow (Karras sigmas, stochastic
             sampling, ...).
         RuntimeError: If ``pipe`` is already accelerated (remove that handle first) or its transformer is
@@ -299,10 +309,10 @@ def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Contro
         >>> handle.speedup_estimate  # about 2 for every other step reused
         ```
     """
-    return AcceleratedPipeline(pipe, controller)
+    return AcceleratedPipeline(pipe, controller, solver)
 
 
-def _check_can_accelerate(pipe: Any, controller: Controller) -> _Family:
+def _check_can_accelerate(pipe: Any, controller: Controller, solver: str | None) -> _Family:
     """The pipeline's family, after checking that rapid3 can take over its denoising loop."""
     handle = getattr(type(pipe), "_rapid3_handle", None)
     if handle is not None:
@@ -322,14 +332,22 @@ def _check_can_accelerate(pipe: Any, controller: Controller) -> _Family:
     if any(isinstance(p, rapid3_processors) for p in pipe.transformer.attn_processors.values()):
         raise RuntimeError("The pipeline's transformer is already hooked by a rapid3 backbone (another "
                            "accelerated pipeline sharing it?); remove that first.")
-    _check_scheduler(pipe.scheduler)
+    _check_scheduler(pipe.scheduler, solver)
     return family
 
 
-def _check_scheduler(scheduler: Any) -> None:
+def _check_scheduler(scheduler: Any, solver: str | None) -> None:
+    name = type(scheduler).__name__
+    if solver is not None:
+        check_solver(solver)
     if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        raise TypeError(f"rapid3's sampler loop is a flow-matching Euler loop: the pipeline needs a "
-                        f"FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}.")
+        if not name.startswith("FlowMatch"):
+            raise TypeError(f"rapid3's sampler loop samples flow-matching models: the pipeline needs a "
+                            f"FlowMatchEulerDiscreteScheduler, got {name}.")
+        if solver is None:
+            raise TypeError(f"rapid3's sampler loop reproduces FlowMatchEulerDiscreteScheduler, not the pipeline's "
+                            f"{name}: pass solver='euler' or 'multistep2' to rapid3.accelerate to sample with "
+                            "rapid3's solver on that scheduler's time schedule.")
     config = scheduler.config
     changed = {k: config.get(k) for k, v in _EULER_SCHEDULER_CONFIG.items() if config.get(k, v) != v}
     if changed:

@@ -8,6 +8,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 
 from ..backbones.base import TimeSchedule
+from .cache import cache_mode
 
 
 @dataclass
@@ -19,6 +20,8 @@ class Observation:
     guidance-combined model output, ``spent`` the equivalent steps used so far.
     ``probe(kind)`` runs a cheap backbone probe on these rows (prompt branch) — e.g. TeaCache's
     "modulated_input" — whose FLOPs and time are charged to the samples like any other compute.
+    ``cache_depth`` is how many full computations each sample's residual cache holds (a forecast of
+    order k needs k + 1); None where the observation predates forecasts: ``has_cache`` as 0 or 1.
     """
 
     sample_ids: torch.Tensor
@@ -34,9 +37,15 @@ class Observation:
     step_cap: int
     schedule: TimeSchedule
     probe: Callable[[str], torch.Tensor]
+    cache_depth: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.sample_ids.shape[0]
+
+    def forecast_orders(self) -> torch.Tensor:
+        """The highest forecast order each row's cache supports (-1: no cache yet, 0: reuse only)."""
+        depth = self.has_cache.long() if self.cache_depth is None else self.cache_depth
+        return depth - 1
 
 
 @dataclass
@@ -44,8 +53,11 @@ class Actions:
     """Per-sample decisions for one step.
 
     ``next_t``: the time to step to (Step-Skip; 0 ends the sample). ``reuse``: skip every block and
-    reuse the cached residual (Cache-Reuse). ``level``: attention sparsity, 0 dense (Sparse-Attention;
-    ignored on reuse). ``log_prob``: the log-probability of these actions, for learning controllers.
+    take the block-stack residual from the cache (Cache-Reuse). ``order``: what a cache step makes of
+    the cache, per sample — 0 the last residual as it is, 1 or 2 its forecast of that order
+    (``rapid3.accel.cache``); None is order 0 everywhere, and it is ignored where ``reuse`` is False.
+    ``level``: attention sparsity, 0 dense (Sparse-Attention; ignored on cache steps).
+    ``log_prob``: the log-probability of these actions, for learning controllers.
     ``step_ratio``: a learning controller's raw Step-Skip action that ``next_t`` was derived from
     (kept because the last step's ``next_t = 0`` no longer tells which ratio was drawn).
     """
@@ -55,11 +67,21 @@ class Actions:
     level: torch.Tensor
     log_prob: torch.Tensor | None = None
     step_ratio: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+
+    @property
+    def mode(self) -> torch.Tensor:
+        """Per sample, the index into ``rapid3.accel.cache.CACHE_MODES`` (recompute, reuse, forecast1, ...)."""
+        return cache_mode(self.reuse, self.order)
 
 
 @runtime_checkable
 class Controller(Protocol):
-    """Decides, each step, what every running sample does. Baselines and learned policies alike."""
+    """Decides, each step, what every running sample does. Baselines and learned policies alike.
+
+    A controller that forecasts sets an attribute ``forecast_order`` (the highest order it asks for),
+    so that the sampler keeps ``forecast_order + 1`` residuals per sample; without it, one.
+    """
 
     def reset(self, batch_size: int) -> None:
         """Called once before a batch is sampled (controllers with per-sample memory clear it here)."""

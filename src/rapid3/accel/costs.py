@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from .cache import CACHE_MODES, MAX_FORECAST_ORDER, ResidualCache
+
 
 @dataclass(frozen=True)
 class StepRecord:
@@ -23,6 +25,13 @@ class StepRecord:
     attention_flops: float
     equivalent_steps: float
     seconds: float
+    order: int = 0
+    """Forecast order of a cache step (0: the cached residual as it is); 0 on recompute."""
+
+    @property
+    def mode(self) -> str:
+        """The step's cache mode: "recompute", "reuse", "forecast1" or "forecast2"."""
+        return CACHE_MODES[self.reuse * (1 + self.order)]
 
 
 @dataclass
@@ -83,21 +92,32 @@ class MeasuredStepCosts:
     Equivalent steps K count FLOPs by default. Where FLOPs and time disagree — block-sparse
     attention on a CPU at a few hundred tokens saves FLOPs but costs time — pass these to the
     ``Sampler`` so that K, and every reward computed from it, counts what the hardware pays.
+    ``relative`` is keyed by (reuse, level); ``forecast`` by forecast order (a cache step of that order).
     """
 
     relative: dict[tuple[bool, int], float]
+    forecast: dict[int, float] = field(default_factory=dict)
 
-    def of(self, reuse: bool, level: int) -> float:
+    def of(self, reuse: bool, level: int, order: int = 0) -> float:
+        """The relative cost of a step with this action (``order`` > 0: a forecast cache step)."""
+        if reuse and order:
+            if order not in self.forecast:
+                raise ValueError(f"These step costs hold no forecast of order {order} (measured before forecasts "
+                                 "existed?): measure them again with measure_step_costs.")
+            return self.forecast[order]
         return self.relative[(bool(reuse), int(level))]
 
     def to_rows(self) -> list[list[float]]:
-        """[reuse, level, relative cost] rows: plain numbers, for a ``weights_only`` checkpoint."""
-        return [[float(reuse), float(level), cost] for (reuse, level), cost in self.relative.items()]
+        """[reuse, level, relative cost] rows, then [1, 0, cost, order] per forecast order: plain numbers,
+        for a ``weights_only`` checkpoint."""
+        rows = [[float(reuse), float(level), cost] for (reuse, level), cost in self.relative.items()]
+        return rows + [[1.0, 0.0, cost, float(order)] for order, cost in self.forecast.items()]
 
     @classmethod
     def from_rows(cls, rows: list[list[float]]) -> MeasuredStepCosts:
         """Inverse of :meth:`to_rows`."""
-        return cls({(bool(reuse), int(level)): float(cost) for reuse, level, cost in rows})
+        relative = {(bool(row[0]), int(row[1])): float(row[2]) for row in rows if len(row) == 3}
+        return cls(relative, {int(row[3]): float(row[2]) for row in rows if len(row) == 4})
 
 
 def interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -115,14 +135,24 @@ def interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int) 
 
 @torch.no_grad()
 def measure_step_costs(backbone, latents: torch.Tensor, cond, *, repeats: int = 5) -> MeasuredStepCosts:
-    """Time one forward of ``latents`` (all rows) per action, interleaved; ratios to the full step."""
+    """Time one forward of ``latents`` (all rows) per action, interleaved; ratios to the full step.
+    A forecast of order k is timed with its extrapolation from k + 1 cached residuals, as the sampler runs it."""
     from ..backbones.sparse_attention import NUM_SPARSE_LEVELS
 
     sigma = torch.full((latents.shape[0],), 0.5)
-    residual = backbone.forward(latents, sigma, cond).residual
-    actions = [(False, level) for level in range(NUM_SPARSE_LEVELS + 1)] + [(True, 0)]
-    runners = {action: (lambda a=action: backbone.forward(latents, sigma, cond, level=a[1],
-                                                          reuse_residual=residual if a[0] else None))
-               for action in actions}
-    medians = interleaved_medians(runners, repeats)
-    return MeasuredStepCosts({action: medians[action] / medians[(False, 0)] for action in actions})
+    cache = ResidualCache(latents.shape[0], 1, depth=MAX_FORECAST_ORDER + 1)
+    everyone = torch.arange(latents.shape[0])
+    for step in range(MAX_FORECAST_ORDER + 1):  # a history at distinct noise levels, as a run leaves it
+        cache.store(everyone, backbone.forward(latents, sigma + 0.1 * step, cond).residual, sigma + 0.1 * step)
+
+    def run(reuse: bool, level: int, order: int) -> object:
+        residual = cache.rows(everyone, sigma - 0.1, order) if reuse else None
+        return backbone.forward(latents, sigma, cond, level=level, reuse_residual=residual)
+
+    actions = ([(False, level, 0) for level in range(NUM_SPARSE_LEVELS + 1)]
+               + [(True, 0, order) for order in range(MAX_FORECAST_ORDER + 1)])
+    medians = interleaved_medians({action: (lambda a=action: run(*a)) for action in actions}, repeats)
+    full = medians[(False, 0, 0)]
+    return MeasuredStepCosts({(reuse, level): medians[(reuse, level, 0)] / full for reuse, level, order in actions
+                              if order == 0},
+                             {order: medians[(True, 0, order)] / full for _, _, order in actions if order})

@@ -13,7 +13,9 @@ from ..backbones.base import Backbone, Conditioning, TimeSchedule
 from ..backbones.sparse_attention import NUM_SPARSE_LEVELS
 from ..common.limits import check_finite
 from .actions import Actions, Controller, Observation
+from .cache import MAX_FORECAST_ORDER, ResidualCache, cache_mode, check_forecast_order, forecast_flops
 from .costs import MeasuredStepCosts, SampleStats, StepRecord
+from .solvers import check_solver, multistep2_velocity
 
 
 @dataclass
@@ -25,41 +27,24 @@ class SampleResult:
     trace: list[tuple[Observation, Actions]] = field(default_factory=list, repr=False)
 
 
-class ResidualCache:
-    """The block-stack residual of each sample's last full computation, one per guidance branch."""
-
-    def __init__(self, batch_size: int, branches: int) -> None:
-        self.branches = branches
-        self.filled = torch.zeros(batch_size, dtype=torch.bool)
-        self.residuals: torch.Tensor | None = None
-
-    def store(self, idx: torch.Tensor, residual_rows: torch.Tensor) -> None:
-        """``residual_rows`` is (branches * k, ...) in branch-major order, as the rows were run."""
-        per_sample = residual_rows.unflatten(0, (self.branches, len(idx))).transpose(0, 1)
-        if self.residuals is None:
-            self.residuals = per_sample.new_zeros((len(self.filled), *per_sample.shape[1:]))
-        self.residuals[idx] = per_sample
-        self.filled[idx] = True
-
-    def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.residuals[idx].transpose(0, 1).flatten(0, 1)
-
-
 class Sampler:
     """Runs a batch from noise to t = 0 on a backbone, as a controller decides step by step.
 
-    Every sample keeps its own time. Each step, active samples are grouped by (reuse, sparsity
+    Every sample keeps its own time. Each step, active samples are grouped by (cache mode, sparsity
     level) and each group runs as one sub-batch (both guidance branches of an image together), so
-    samples that reuse compute no block and an image's result does not depend on its batch mates.
-    ``step_cap`` bounds the executed steps per sample: the last one goes to t = 0.
+    samples that reuse or forecast compute no block and an image's result does not depend on its batch
+    mates. ``step_cap`` bounds the executed steps per sample: the last one goes to t = 0.
     Equivalent steps count FLOPs, or measured wall-clock when ``step_costs`` are given.
+    ``solver`` integrates each step (``rapid3.accel.solvers``): "euler" (the pipelines' own, the default)
+    or "multistep2".
     """
 
     def __init__(self, backbone: Backbone, *, step_cap: int = 28, progress: bool = False,
-                 step_costs: MeasuredStepCosts | None = None) -> None:
+                 step_costs: MeasuredStepCosts | None = None, solver: str = "euler") -> None:
         if not isinstance(step_cap, int) or step_cap < 1:
             raise ValueError(f"step_cap must be a positive integer, got {step_cap!r}.")
         self.backbone, self.step_cap, self.progress, self.step_costs = backbone, step_cap, progress, step_costs
+        self.solver = check_solver(solver)
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond: Conditioning, controller: Controller, *,
@@ -99,6 +84,7 @@ class _Run:
     def __init__(self, sampler: Sampler, noise: torch.Tensor, branches: list[Conditioning], guidance_scale: float,
                  schedule: TimeSchedule, controller: Controller) -> None:
         self.backbone, self.step_cap, self.step_costs = sampler.backbone, sampler.step_cap, sampler.step_costs
+        self.solver = sampler.solver
         self.branches, self.guidance_scale, self.schedule, self.controller = branches, guidance_scale, schedule, controller
         batch = noise.shape[0]
         self.x = noise.float().clone()
@@ -106,7 +92,10 @@ class _Run:
         self.steps = torch.zeros(batch, dtype=torch.long)
         self.refresh_latents = self.x.clone()
         self.last_velocity = torch.zeros_like(self.x)
-        self.cache = ResidualCache(batch, len(branches))
+        self.last_h = torch.zeros(batch, dtype=torch.float64)  # sigma step of each sample's previous step (0: none)
+        self.forecast_order = check_forecast_order(getattr(controller, "forecast_order", 0),
+                                                   name=f"{type(controller).__name__}.forecast_order")
+        self.cache = ResidualCache(batch, len(branches), depth=self.forecast_order + 1)
         self.cond = Conditioning.cat(branches)  # branch-major: row b * batch + i
         self.probe_flops = torch.zeros(batch, dtype=torch.float64)  # charged to the sample's next step
         self.probe_seconds = torch.zeros(batch, dtype=torch.float64)
@@ -124,19 +113,28 @@ class _Run:
         tic = _clock(self.x)
         actions = self.controller.decide(obs)
         controller_seconds = (_clock(self.x) - tic) / len(active)
-        next_t, reuse, level = self._validate(actions, obs)
+        next_t, mode, level = self._validate(actions, obs)
         velocity = torch.empty_like(obs.latents)
-        for group_reuse, group_level in sorted({(bool(r), int(lv)) for r, lv in zip(reuse, level)}):
-            rows = ((reuse == group_reuse) & (level == group_level)).nonzero().squeeze(1)
-            velocity[rows] = self._run_group(active[rows], obs.t[rows], next_t[rows], group_reuse, group_level,
+        for group_mode, group_level in sorted({(int(m), int(lv)) for m, lv in zip(mode, level)}):
+            rows = ((mode == group_mode) & (level == group_level)).nonzero().squeeze(1)
+            velocity[rows] = self._run_group(active[rows], obs.t[rows], next_t[rows], group_mode, group_level,
                                              controller_seconds)
-        dt = self.schedule.sigma(next_t) - obs.sigma
-        self.x[active] = obs.latents + dt.view(-1, *[1] * (velocity.ndim - 1)) * velocity
-        self.last_velocity[active] = velocity
+        self._advance(active, obs, next_t, velocity)
         self.t[active] = next_t
         self.steps[active] += 1
         self.stats.controller_seconds[active] += controller_seconds
         return obs, actions
+
+    def _advance(self, active: torch.Tensor, obs: Observation, next_t: torch.Tensor, velocity: torch.Tensor) -> None:
+        """Move the active samples to ``next_t`` with the solver; remember the velocity and step size."""
+        h = (self.schedule.sigma(next_t) - obs.sigma).double()
+        step_velocity = velocity
+        if self.solver == "multistep2":
+            step_velocity = multistep2_velocity(velocity, self.last_velocity[active], h, self.last_h[active])
+        # Euler: exactly the pipelines' float32 update x + (sigma_next - sigma) * v.
+        self.x[active] = obs.latents + h.float().view(-1, *[1] * (velocity.ndim - 1)) * step_velocity
+        self.last_velocity[active] = velocity
+        self.last_h[active] = h
 
     def _observe(self, active: torch.Tensor) -> Observation:
         x = self.x[active]
@@ -145,7 +143,8 @@ class _Run:
             step_index=self.steps[active], refresh_delta=x - self.refresh_latents[active],
             last_velocity=self.last_velocity[active], has_cache=self.cache.filled[active],
             spent=self.stats.equivalent_steps[active].clone(), pooled=self.branches[-1].pooled[active],
-            step_cap=self.step_cap, schedule=self.schedule, probe=lambda kind: self._probe(active, kind))
+            step_cap=self.step_cap, schedule=self.schedule, probe=lambda kind: self._probe(active, kind),
+            cache_depth=self.cache.count[active].clone())
 
     def _probe(self, active: torch.Tensor, kind: str) -> torch.Tensor:
         x, cond = self.x[active], self.branches[-1].select(active)
@@ -171,46 +170,71 @@ class _Run:
         reuse = actions.reuse.bool()
         if bool((reuse & ~obs.has_cache).any()):
             raise ValueError(f"{name} asked to reuse the cache for samples that have none yet (their first step).")
+        mode = self._check_order(actions, obs, reuse)
         last = (obs.step_index + 1 >= self.step_cap) | (next_t < self.schedule.t_min / 2)
         next_t = torch.where(last, torch.zeros_like(next_t), next_t)
-        return next_t, reuse, torch.where(reuse, torch.zeros_like(level), level)
+        return next_t, mode, torch.where(reuse, torch.zeros_like(level), level)
 
-    def _run_group(self, idx: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, reuse: bool, level: int,
+    def _check_order(self, actions: Actions, obs: Observation, reuse: torch.Tensor) -> torch.Tensor:
+        """The cache mode of each row; ValueError for a forecast order the rows' histories cannot give."""
+        name, order = type(self.controller).__name__, actions.order
+        if order is None:
+            return cache_mode(reuse, None)
+        if tuple(order.shape) != (len(obs),) or bool((order < 0).any()) or bool((order > MAX_FORECAST_ORDER).any()):
+            raise ValueError(f"{name} returned forecast orders {order.tolist()}; expected one per sample in "
+                             f"0..{MAX_FORECAST_ORDER} (0 reuse, 1 and 2 forecast).")
+        beyond = reuse & (order.long() >= obs.cache_depth)
+        if bool(beyond.any()):
+            wanted, held = int(order[beyond].max()), int(obs.cache_depth[beyond].min())
+            fix = (f"set {name}.forecast_order = {wanted} so the sampler keeps {wanted + 1}"
+                   if wanted > self.forecast_order else "ask at most Observation.forecast_orders() per sample")
+            raise ValueError(f"{name} asked for a forecast of order {wanted} from a cache holding {held} full "
+                             f"computation(s), but order k needs k + 1: {fix}.")
+        return cache_mode(reuse, order)
+
+    def _run_group(self, idx: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, mode: int, level: int,
                    controller_seconds: float) -> torch.Tensor:
-        """Run one sub-batch (all guidance branches), update its cache, account for it, return velocities."""
+        """Run one sub-batch (all guidance branches) in one cache mode, update its cache, account for it,
+        return velocities. The forecast, if any, is timed with the forward: it is part of the step's cost."""
         k, n_branches = len(idx), len(self.branches)
         rows = idx.repeat(n_branches) + torch.arange(n_branches).repeat_interleave(k) * len(self.t)
         latents = self.x[idx].repeat(n_branches, *[1] * (self.x.ndim - 1))
-        sigma = self.schedule.sigma(t).repeat(n_branches)
+        sigma = self.schedule.sigma(t)
+        reuse, order = mode > 0, max(mode - 1, 0)
         tic = _clock(latents)
-        out = self.backbone.forward(latents, sigma, self.cond.select(rows), level=level,
-                                    reuse_residual=self.cache.rows(idx) if reuse else None)
+        residual = self.cache.rows(idx, sigma, order) if reuse else None
+        out = self.backbone.forward(latents, sigma.repeat(n_branches), self.cond.select(rows), level=level,
+                                    reuse_residual=residual)
         seconds = (_clock(latents) - tic) / k
         if not reuse:
-            self.cache.store(idx, out.residual)
+            self.cache.store(idx, out.residual, sigma)
             self.refresh_latents[idx] = self.x[idx]
         velocity = out.velocity.unflatten(0, (n_branches, k))
         guided = velocity[0] if n_branches == 1 else velocity[0] + self.guidance_scale * (velocity[1] - velocity[0])
-        self._account(idx, t, next_t, reuse, level, out.blocks_run, out.attention_flops / k,
+        self._account(idx, t, next_t, (reuse, level, order), out.blocks_run, out.attention_flops / k,
                       seconds + controller_seconds)
         return guided
 
-    def _account(self, idx: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, reuse: bool, level: int,
+    def _account(self, idx: torch.Tensor, t: torch.Tensor, next_t: torch.Tensor, action: tuple[bool, int, int],
                  blocks: int, attention_flops: float, seconds: float) -> None:
+        """Charge one group's step to its samples: the forward's FLOPs, a forecast's elementwise FLOPs (every
+        guidance branch), and any probe run for the sample's decision."""
+        reuse, level, order = action
         non_attention, _ = self.backbone.row_flops(self.x[idx[:1]], self.cond, level=level, reuse=reuse)
-        flops = non_attention * len(self.branches) + attention_flops + self.probe_flops[idx]
+        forecast = forecast_flops(order, self.cache.row_numel) * len(self.branches)
+        flops = non_attention * len(self.branches) + attention_flops + forecast + self.probe_flops[idx]
         seconds = seconds + self.probe_seconds[idx]
         blocks = blocks + self.probe_blocks[idx]
         equivalent = flops / self.stats.full_step_flops
         if self.step_costs is not None:
-            equivalent = self.step_costs.of(reuse, level) + self.probe_flops[idx] / self.stats.full_step_flops
+            equivalent = self.step_costs.of(reuse, level, order) + self.probe_flops[idx] / self.stats.full_step_flops
         for pending in (self.probe_flops, self.probe_seconds, self.probe_blocks):
             pending[idx] = 0
         for i, sample in enumerate(idx.tolist()):
             self.stats.add(sample, StepRecord(
                 t=float(t[i]), next_t=float(next_t[i]), reuse=reuse, level=level, blocks=int(blocks[i]),
                 flops=float(flops[i]), attention_flops=attention_flops, equivalent_steps=float(equivalent[i]),
-                seconds=float(seconds[i])))
+                seconds=float(seconds[i]), order=order))
 
 
 def _clock(reference: torch.Tensor) -> float:

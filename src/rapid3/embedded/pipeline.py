@@ -72,12 +72,14 @@ class EmbeddedPipeline:
 
     def sample(self, prompts: list[str], seeds: Iterable[int], controller: Controller, *, num_inference_steps: int,
                guidance_scale: float, progress: bool = False, keep_trace: bool = False,
-               step_costs: MeasuredStepCosts | None = None) -> SampleResult:
+               step_costs: MeasuredStepCosts | None = None, solver: str = "euler") -> SampleResult:
         """The sampler loop on ``prompts``, image i from the noise of ``seeds[i]`` alone (a repeated seed
-        repeats the noise); ``step_costs``: what equivalent steps count (None: FLOPs)."""
+        repeats the noise); ``step_costs``: what equivalent steps count (None: FLOPs); ``solver``: the
+        sampler's ("euler", the reference, or "multistep2")."""
         cond, uncond = self.encode(prompts)
         noise = torch.cat([initial_noise(1, seed) for seed in seeds])
-        sampler = Sampler(self.backbone, step_cap=num_inference_steps, progress=progress, step_costs=step_costs)
+        sampler = Sampler(self.backbone, step_cap=num_inference_steps, progress=progress, step_costs=step_costs,
+                          solver=solver)
         return sampler.sample(noise, cond, controller, uncond=uncond, guidance_scale=guidance_scale,
                               keep_trace=keep_trace)
 
