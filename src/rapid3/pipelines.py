@@ -165,12 +165,15 @@ class AcceleratedPipeline:
         last_step_cap (`int` or `None`): The step cap (``num_inference_steps``) of the last completed call.
     """
 
-    def __init__(self, pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Controller) -> None:
+    def __init__(self, pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Controller, *,
+                 compile: bool = False) -> None:
         self._family = _check_can_accelerate(pipe, controller)
         self.pipe, self.controller = pipe, controller
         self.last_stats: SampleStats | None = None
         self.last_step_cap: int | None = None
         self.backbone = backbone_for(pipe.transformer, pipe.scheduler)
+        if compile:
+            self.backbone.compile_blocks()
         pipe.__class__ = _accelerated_class(self._family.pipeline_class, self)
 
     @property
@@ -252,7 +255,8 @@ class AcceleratedPipeline:
         return pipe.image_processor.postprocess(image, output_type=call["output_type"])
 
 
-def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Controller) -> AcceleratedPipeline:
+def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Controller, *,
+               compile: bool = False) -> AcceleratedPipeline:
     r"""
     Make ``pipe(...)`` denoise with rapid3's sampler loop, driven by ``controller``.
 
@@ -271,6 +275,10 @@ def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Contro
             The pipeline to accelerate (exactly these classes), with a ``FlowMatchEulerDiscreteScheduler``.
         controller ([`~accel.actions.Controller`]):
             Decides every step, per image: a learned ``RapidPolicy`` or a baseline such as ``FullCompute()``.
+        compile (`bool`, defaults to `False`):
+            Run the transformer blocks under ``torch.compile`` (inductor). The first calls compile one
+            graph per block kind and sparsity level; after that, images switching actions and sub-batch
+            sizes changing recompile nothing, and the hooks add no graph break inside a block.
 
     Returns:
         [`AcceleratedPipeline`]: The handle: per-call statistics (``last_stats``,
@@ -295,7 +303,7 @@ def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Contro
         >>> handle.speedup_estimate  # about 2 for every other step reused
         ```
     """
-    return AcceleratedPipeline(pipe, controller)
+    return AcceleratedPipeline(pipe, controller, compile=compile)
 
 
 def _check_can_accelerate(pipe: Any, controller: Controller) -> _Family:
