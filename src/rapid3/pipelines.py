@@ -31,7 +31,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusi
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from .accel.actions import Controller
-from .accel.costs import SampleStats
+from .accel.costs import MeasuredStepCosts, SampleStats
 from .accel.sampler import Sampler
 from .backbones import ADAPTERS, Conditioning, backbone_for
 
@@ -163,6 +163,8 @@ class AcceleratedPipeline:
             completed call (steps, blocks, FLOPs, equivalent steps, and every step's actions in
             ``records``); `None` before the first call.
         last_step_cap (`int` or `None`): The step cap (``num_inference_steps``) of the last completed call.
+        step_costs ([`~accel.costs.MeasuredStepCosts`] or `None`): What equivalent steps count: `None` for
+            FLOPs, or each action's measured cost (e.g. a ``rapid3 profile`` of the deployment machine).
     """
 
     def __init__(self, pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Controller, *,
@@ -172,6 +174,7 @@ class AcceleratedPipeline:
         self.last_stats: SampleStats | None = None
         self.last_step_cap: int | None = None
         self.backbone = backbone_for(pipe.transformer, pipe.scheduler)
+        self.step_costs: MeasuredStepCosts | None = None
         if compile:
             self.backbone.compile_blocks()
         pipe.__class__ = _accelerated_class(self._family.pipeline_class, self)
@@ -215,7 +218,8 @@ class AcceleratedPipeline:
         denoising = self._family.prepare(pipe, call, pipe._execution_device)
         # Honour set_progress_bar_config(disable=True), which the pipeline keeps in this attribute.
         progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-        sampler = Sampler(self.backbone, step_cap=call["num_inference_steps"], progress=progress)
+        sampler = Sampler(self.backbone, step_cap=call["num_inference_steps"], progress=progress,
+                          step_costs=self.step_costs)
         result = sampler.sample(denoising.latents, denoising.cond, self.controller, uncond=denoising.uncond,
                                 guidance_scale=denoising.guidance_scale)
         self.last_stats, self.last_step_cap = result.stats, call["num_inference_steps"]

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
 
+from . import backbone_for
 from .base import Conditioning
 from .flux import FluxBackbone
 from .sd3 import SD3Backbone
@@ -135,28 +136,37 @@ def random_arch_setup(arch: Arch | str, *, resolution: int, batch: int = 1, laye
     ``resolution``² pixels, shaped as the architecture's pipeline would feed it."""
     arch = get_arch(arch) if isinstance(arch, str) else arch
     transformer = build_transformer(arch, layers=layers, device=device, dtype=dtype, seed=seed)
-    scheduler = FlowMatchEulerDiscreteScheduler(**arch.scheduler)
+    backbone = backbone_for(transformer, FlowMatchEulerDiscreteScheduler(**arch.scheduler))
+    noise, cond, uncond = random_inputs(backbone, resolution=resolution, text_tokens=arch.text_tokens, batch=batch,
+                                        cfg=arch.branches == 2, seed=seed)
+    return backbone, noise, cond, uncond
+
+
+def random_inputs(backbone: SD3Backbone | FluxBackbone, *, resolution: int, text_tokens: int, batch: int = 1,
+                  cfg: bool = True, seed: int = 0) -> tuple[torch.Tensor, Conditioning, Conditioning | None]:
+    """Noise and random prompt conditioning (and with ``cfg`` a negative one) for ``backbone`` at
+    ``resolution``² pixels, on the transformer's device: what its pipeline would pass, minus the meaning."""
+    config = backbone.transformer.config
+    device = next(backbone.transformer.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    config, side = transformer.config, resolution // VAE_SCALE
     randn = lambda *shape: torch.randn(*shape, generator=generator, device=device)  # noqa: E731
-    if arch.family == "sd3":
-        backbone = SD3Backbone(transformer, scheduler)
+    side = resolution // VAE_SCALE
+
+    def conditioning() -> Conditioning:
+        per_sample = {"encoder_hidden_states": randn(batch, text_tokens, config.joint_attention_dim),
+                      "pooled_projections": randn(batch, config.pooled_projection_dim)}
+        if backbone.family == "sd3":
+            return Conditioning(per_sample)
+        if config.guidance_embeds:
+            per_sample["guidance"] = torch.full((batch,), 3.5, device=device)
+        return Conditioning(per_sample, {"txt_ids": torch.zeros(text_tokens, 3, device=device),
+                                         "img_ids": _flux_image_ids(side // 2, device)})
+
+    if backbone.family == "sd3":
         noise = randn(batch, config.in_channels, side, side)
-
-        def conditioning() -> Conditioning:
-            return Conditioning({"encoder_hidden_states": randn(batch, arch.text_tokens, config.joint_attention_dim),
-                                 "pooled_projections": randn(batch, config.pooled_projection_dim)})
-
-        return backbone, noise, conditioning(), conditioning()
-    backbone = FluxBackbone(transformer, scheduler)
-    tokens = arch.image_tokens(resolution)
-    noise = randn(batch, tokens, config.in_channels)
-    cond = Conditioning({"encoder_hidden_states": randn(batch, arch.text_tokens, config.joint_attention_dim),
-                         "pooled_projections": randn(batch, config.pooled_projection_dim),
-                         "guidance": torch.full((batch,), 3.5, device=device)},
-                        {"txt_ids": torch.zeros(arch.text_tokens, 3, device=device),
-                         "img_ids": _flux_image_ids(side // 2, device)})
-    return backbone, noise, cond, None
+    else:
+        noise = randn(batch, (side // 2) ** 2, config.in_channels)
+    return noise, conditioning(), conditioning() if cfg else None
 
 
 def _flux_image_ids(side: int, device: str | torch.device) -> torch.Tensor:

@@ -153,6 +153,7 @@ class DiffusersDiT:
         self.scheduler = scheduler
         self.state = ForwardState()
         self._flop_cache: dict[tuple, int] = {}
+        self._compiled_fns: dict[tuple, Any] = {}
         self._original_processors = transformer.attn_processors
         self._install()
 
@@ -184,7 +185,11 @@ class DiffusersDiT:
         """Run every transformer block under ``torch.compile`` (the hooks and everything outside the
         blocks stay eager). Compilation happens on the first call of each (block class, level, batch
         being 1 or more); after that, switching actions and sub-batch sizes recompiles nothing."""
-        compiled = torch.compile(_call_block, backend=backend, mode=mode)
+        # One compiled function per (backend, mode), kept: switching back and forth between eager and
+        # compiled (as `rapid3 profile` does) must find the same graphs, not compile new ones.
+        if (backend, mode) not in self._compiled_fns:
+            self._compiled_fns[(backend, mode)] = torch.compile(_call_block, backend=backend, mode=mode)
+        compiled = self._compiled_fns[(backend, mode)]
         for block in self.blocks():
             block._diffusers_hook.get_hook(_HOOK_BLOCK).compiled = compiled
 
@@ -207,7 +212,7 @@ class DiffusersDiT:
             raise ValueError("A reuse step runs no attention: its sparsity level must be 0.")
         n_txt = cond.per_sample["encoder_hidden_states"].shape[1]
         self.state.begin(level=level, n_txt=n_txt, reuse_residual=reuse_residual)
-        dtype = self.dtype()
+        dtype, sigma = self.dtype(), sigma.to(latents.device)  # the sampler keeps times on the host
         try:
             velocity = self._call(latents.to(dtype), self.call_kwargs(sigma, cond, dtype))[0]
         finally:
@@ -226,7 +231,7 @@ class DiffusersDiT:
             raise ValueError(f"Unknown probe {kind!r}; available: {', '.join(PROBES)}.")
         n_txt = cond.per_sample["encoder_hidden_states"].shape[1]
         self.state.begin(level=0, n_txt=n_txt, reuse_residual=None, probe=kind)
-        dtype = self.dtype()
+        dtype, sigma = self.dtype(), sigma.to(latents.device)
         try:
             self._call(latents.to(dtype), self.call_kwargs(sigma, cond, dtype))
         except _ProbeDone:
