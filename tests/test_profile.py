@@ -85,8 +85,9 @@ def test_sampler_k_is_the_profiles_relative_costs():
 def test_cli_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "emb.json"
     export_tiny_embedded(tmp_path / "model")
-    assert main(["profile", "--model", str(tmp_path / "model"), "--repeats", "1", "--no-compile",
+    assert main(["profile", "--model", str(tmp_path / "model"), "--repeats", "1", "--no-compile", "--levels", "3",
                  "--out", str(out)]) == 0
     profile = CostProfile.load(out)
     assert profile.modes() == ["eager"] and profile.setup["branches"] == 2
+    assert [a.name for a in profile.actions] == ["full", "sparse 0.2", "reuse"]
     assert "| full |" in out.with_suffix(".md").read_text() and "| sparse 0.2 |" in capsys.readouterr().out

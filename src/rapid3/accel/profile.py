@@ -158,12 +158,13 @@ def _interleaved_times(runners: dict[Any, Callable[[], object]], repeats: int) -
 
 @torch.no_grad()
 def profile_backbone(backbone, latents: torch.Tensor, cond: Conditioning, *, branches: int, repeats: int = 5,
-                     compile: bool = True, compile_backend: str = "inductor",
+                     compile: bool = True, compile_backend: str = "inductor", actions: list[Action] | None = None,
                      setup: dict[str, Any] | None = None) -> CostProfile:
     """Time one step of every action on ``latents`` (one image's rows: ``branches`` of them, CFG
     branches stacked), eager and (``compile``) with compiled blocks, all interleaved.
 
     The compiled graphs are built in a first untimed round (its wall-clock is ``compile_seconds``).
+    ``actions``: a subset of ``step_actions()`` (which must include "full", the unit), to bound compile time.
     """
     if latents.shape[0] != branches:
         raise ValueError(f"Profile one image: latents need {branches} rows (its guidance branches), "
@@ -171,7 +172,9 @@ def profile_backbone(backbone, latents: torch.Tensor, cond: Conditioning, *, bra
     device = latents.device
     sigma = torch.full((branches,), 0.5, device=device)
     residual = backbone.forward(latents, sigma, cond).residual
-    actions = step_actions()
+    actions = step_actions() if actions is None else actions
+    if not any(a.name == "full" for a in actions):
+        raise ValueError("A profile needs the full step: every cost is relative to it.")
 
     def step(action: Action) -> Callable[[], object]:
         return _synced(lambda: backbone.forward(latents, sigma, cond, level=action.level,

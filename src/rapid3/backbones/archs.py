@@ -148,7 +148,8 @@ def random_inputs(backbone: SD3Backbone | FluxBackbone, *, resolution: int, text
     ``resolution``² pixels, on the transformer's device: what its pipeline would pass, minus the meaning."""
     config = backbone.transformer.config
     device = next(backbone.transformer.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
+    # On meta (shapes only, e.g. counting FLOPs of a full-size model) there is nothing to seed.
+    generator = None if device.type == "meta" else torch.Generator(device).manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=generator, device=device)  # noqa: E731
     side = resolution // VAE_SCALE
 

@@ -32,6 +32,9 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, choices=tuple(_DTYPES), help="default: bfloat16 on GPU, else float32")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--levels", type=int, nargs="+", default=None, metavar="LEVEL",
+                        help="sparsity levels to time besides reuse (default: all; 0 = full is always timed): "
+                             "each compiled level is one more graph per block kind to compile")
     parser.add_argument("--no-compile", action="store_true", help="eager only (compiling takes minutes on a CPU)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled mode")
     parser.add_argument("--out", type=Path, default=Path("profile.json"),
@@ -40,7 +43,7 @@ def add_profile(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_profile(args: argparse.Namespace) -> int:
-    from ..accel.profile import profile_backbone
+    from ..accel.profile import profile_backbone, step_actions
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}.")
@@ -48,7 +51,9 @@ def _run_profile(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     backbone, latents, cond, branches, setup = _source(args, device, dtype)
-    profile = profile_backbone(backbone, latents, cond, branches=branches, repeats=args.repeats,
+    levels = None if args.levels is None else {0, *args.levels}
+    actions = [a for a in step_actions() if levels is None or a.reuse or a.level in levels]
+    profile = profile_backbone(backbone, latents, cond, branches=branches, repeats=args.repeats, actions=actions,
                                compile=not args.no_compile, compile_backend=args.compile_backend, setup=setup)
     profile.save(args.out)
     table = profile.table()
