@@ -83,3 +83,17 @@ def test_uncompile_restores_eager_blocks(fresh_dynamo):
     assert not backbone.compiled
     backbone.forward(noise, torch.full((2,), 0.5), cond)
     assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_accelerate_compile_flag_compiles_the_blocks_and_removal_restores(fresh_dynamo):
+    import rapid3
+    from rapid3.accel.controllers import FullCompute
+    from tiny_pipelines import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline()
+    forward = pipe.transformer.transformer_blocks[0].forward
+    with rapid3.accelerate(pipe, FullCompute(), compile=True) as handle:
+        assert handle.backbone.compiled
+    assert pipe.transformer.transformer_blocks[0].forward == forward
+    with rapid3.accelerate(pipe, FullCompute()) as handle:
+        assert not handle.backbone.compiled

@@ -193,6 +193,7 @@ def profile_backbone(backbone, latents: torch.Tensor, cond: Conditioning, *, bra
     info = {"image_tokens": backbone.token_counts(latents, cond)[0], "text_tokens": backbone.token_counts(
         latents, cond)[1], "branches": branches, "device": str(device), "dtype": str(backbone.dtype()),
         "torch": torch.__version__, "repeats": repeats, "blocks": len(backbone.blocks()),
+        "compile_backend": compile_backend if compile else None,
         "parameters": sum(p.numel() for p in backbone.transformer.parameters()), **(setup or {})}
     return CostProfile(info, profiles, per_branch, per_branch * branches, compile_seconds)
 

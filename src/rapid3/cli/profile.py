@@ -68,7 +68,8 @@ def _run_profile(args: argparse.Namespace) -> int:
 def _title(setup: dict) -> str:
     return (f"{setup['source']}: {setup['blocks']} blocks, {setup['parameters'] / 1e6:,.0f}M parameters, "
             f"{setup['image_tokens']} image + {setup['text_tokens']} text tokens, {setup['branches']} branch(es), "
-            f"{setup['device']} {setup['dtype']}, torch {setup['torch']}, {setup['repeats']} repeats")
+            f"{setup['device']} {setup['dtype']}, torch {setup['torch']}, {setup['repeats']} repeats, "
+            f"compiled = {setup['compile_backend'] or 'not timed'}")
 
 
 def _source(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
