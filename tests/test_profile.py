@@ -67,9 +67,9 @@ def test_training_prices_k_with_a_profile_file(tmp_path):
     cfg = TrainConfig(**SMALL, model=str(tmp_path / "model"), reward_model=str(tmp_path / "reward"),
                       out=str(tmp_path / "run"), step_costs=str(tmp_path / "target.json"))
     run = build_run(cfg)
-    assert run.pipe.step_costs == MeasuredStepCosts({**{(False, lv): 1.0 for lv in range(4)}, (True, 0): 0.05})
+    assert run.source.generator.step_costs == MeasuredStepCosts({**{(False, lv): 1.0 for lv in range(4)}, (True, 0): 0.05})
     reuse_after_first = FixedIntervalCache(interval=4)  # recompute step 1, reuse steps 2-4
-    stats = run.pipe.sample(["a red circle"], [0], reuse_after_first, step_cap=4, guidance_scale=4.0).stats
+    stats = run.source.generator.sample(["a red circle"], [0], reuse_after_first, step_cap=4, guidance_scale=4.0).stats
     assert stats.equivalent_steps.item() == pytest.approx(1 + 3 * 0.05)
     with pytest.raises(ValueError, match="profile .json"):
         TrainConfig(step_costs="fast")

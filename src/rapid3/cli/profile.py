@@ -99,7 +99,7 @@ def _source(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
 def _pipeline_source(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     from ..backbones import backbone_for
     from ..backbones.archs import random_inputs
-    from ..generators import load_pipeline
+    from ..worlds.pipeline import load_pipeline
 
     pipe = load_pipeline(args.pipeline, device=str(device), dtype=str(dtype).removeprefix("torch."))
     backbone = backbone_for(pipe.transformer, pipe.scheduler)
