@@ -14,7 +14,7 @@ from rapid3.backbones import Conditioning
 from rapid3.backbones.random_sd3 import random_sd3_setup
 from rapid3.baselines.steps import FixedIntervalCache
 from rapid3.cli import main
-from rapid3.embedded.reward import RewardModel
+from rapid3.rewards.embedded_reward import RewardModel
 from rapid3.train.config import TrainConfig
 from rapid3.train.trainer import build_run
 
