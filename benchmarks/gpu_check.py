@@ -36,18 +36,20 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from rapid3.accel.controllers import FullCompute, UniformSteps
-from rapid3.accel.profile import Action, profile_backbone, step_actions
+from rapid3.accel.costs import interleaved_medians
+from rapid3.accel.profile import profile_backbone, step_actions
 from rapid3.accel.sampler import Sampler
 from rapid3.backbones import Conditioning
 from rapid3.backbones.archs import get_arch, random_arch_setup
-from rapid3.backbones.sparse_attention import BlockLayout, NUM_SPARSE_LEVELS, sparse_attention
+from rapid3.backbones.sparse_attention import NUM_SPARSE_LEVELS, BlockLayout, sparse_attention
 from rapid3.baselines.first_block import FirstBlockCache
 from rapid3.baselines.steps import FixedIntervalCache, StaticSparse
 from rapid3.baselines.teacache import TeaCache
@@ -121,26 +123,29 @@ def controllers_check(scale: Scale) -> dict[str, Any]:
                    "FirstBlockCache 0.1": FirstBlockCache(0.1), "static sparse keep 0.2": StaticSparse(NUM_SPARSE_LEVELS),
                    "fresh RapidPolicy": policy}
     sampler = Sampler(backbone, step_cap=n)
-    rows = {name: _sample_once(sampler, noise, cond, controller, scale) for name, controller in controllers.items()}
-    full = rows["full compute"]
-    for row in rows.values():
-        row["realized_speedup"] = full["seconds"] / row["seconds"]
+    rows = {name: {} for name in controllers}
+    runners = {name: (lambda name=name: rows[name].update(_sample_once(sampler, noise, cond, controllers[name],
+                                                                       scale)))
+               for name in controllers}
+    # Interleaved rounds after a warm-up round: machine drift hits every controller alike.
+    seconds = interleaved_medians(runners, scale.repeats)
+    for name, row in rows.items():
+        row["seconds"] = seconds[name]
+        row["realized_speedup"] = seconds["full compute"] / seconds[name]
         row["flop_predicted_speedup"] = n / row["equivalent_steps"]
-    return {"steps": n, "image_tokens": noise.shape[1], "controllers": rows}
+    return {"steps": n, "image_tokens": noise.shape[1], "repeats": scale.repeats, "controllers": rows}
 
 
 def _sample_once(sampler: Sampler, noise: torch.Tensor, cond: Conditioning, controller, scale: Scale) -> dict:
-    _sync(scale)
+    """One batch: K, steps and (CUDA) peak memory; the caller times it."""
     if scale.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tic = time.perf_counter()
     with torch.no_grad():
         stats = sampler.sample(noise, cond, controller).stats
-    _sync(scale)
-    seconds = time.perf_counter() - tic
+    _sync(scale)  # the runner's clock stops after the device's queued work
     peak = torch.cuda.max_memory_allocated() if scale.device.type == "cuda" else None
-    return {"seconds": seconds, "equivalent_steps": stats.equivalent_steps.mean().item(),
-            "steps": stats.steps.double().mean().item(), "peak_bytes": peak}
+    return {"equivalent_steps": stats.equivalent_steps.mean().item(), "steps": stats.steps.double().mean().item(),
+            "peak_bytes": peak}
 
 
 # -- plumbing ----------------------------------------------------------------------------------------
@@ -178,26 +183,47 @@ def write_report(report: dict[str, Any], out: Path) -> None:
 
 def _phase_markdown(result: dict[str, Any]) -> list[str]:
     if "error" in result or "skipped" in result:
-        return [f"**{'skipped' if 'skipped' in result else 'failed'}** ({result['phase_seconds']:.0f} s): "
-                f"{result.get('skipped') or result['error'].splitlines()[-1]}"]
+        return _status_markdown(result)
     if "table" in result:
-        setup = result["setup"]
-        return [result["table"], "", f"{setup['blocks']} blocks, {setup['image_tokens']} image + {setup['text_tokens']} "
-                f"text tokens, {setup['dtype']}; compiled = torch.compile backend {setup.get('compile_backend')}; cache "
-                f"{result['cache_bytes_per_image_per_branch'] / 2**20:.1f} MiB per image and branch; compile "
-                f"{result['compile_seconds']:.0f} s; phase {result['phase_seconds']:.0f} s"]
+        return _profile_markdown(result)
     if "controllers" in result:
-        rows = ["| controller | steps | K | seconds | realized speedup | FLOP-predicted | peak GiB |", "|---|---|---|---|---|---|---|"]
-        for name, r in result["controllers"].items():
-            peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f}"
-            rows.append(f"| {name} | {r['steps']:.0f} | {r['equivalent_steps']:.2f} | {r['seconds']:.2f} | "
-                        f"{r['realized_speedup']:.2f}x | {r['flop_predicted_speedup']:.2f}x | {peak} |")
-        return rows + ["", f"{result['image_tokens']} image tokens, step cap {result['steps']}, batch 1; "
-                           f"phase {result['phase_seconds']:.0f} s"]
+        return _controllers_markdown(result)
+    return _attention_markdown(result)
+
+
+def _status_markdown(result: dict[str, Any]) -> list[str]:
+    status = "skipped" if "skipped" in result else "failed"
+    why = result.get("skipped") or result["error"].splitlines()[-1]
+    return [f"**{status}** ({result['phase_seconds']:.0f} s): {why}"]
+
+
+def _profile_markdown(result: dict[str, Any]) -> list[str]:
+    setup = result["setup"]
+    note = (f"{setup['blocks']} blocks, {setup['image_tokens']} image + {setup['text_tokens']} text tokens, "
+            f"{setup['dtype']}; compiled = torch.compile backend {setup.get('compile_backend')}; cache "
+            f"{result['cache_bytes_per_image_per_branch'] / 2**20:.1f} MiB per image and branch; compile "
+            f"{result['compile_seconds']:.0f} s; phase {result['phase_seconds']:.0f} s")
+    return [result["table"], "", note]
+
+
+def _controllers_markdown(result: dict[str, Any]) -> list[str]:
+    rows = ["| controller | steps | K | seconds | realized speedup | FLOP-predicted | peak GiB |",
+            "|---|---|---|---|---|---|---|"]
+    for name, r in result["controllers"].items():
+        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f}"
+        rows.append(f"| {name} | {r['steps']:.0f} | {r['equivalent_steps']:.2f} | {r['seconds']:.2f} | "
+                    f"{r['realized_speedup']:.2f}x | {r['flop_predicted_speedup']:.2f}x | {peak} |")
+    note = (f"{result['image_tokens']} image tokens, step cap {result['steps']}, batch 1, median of "
+            f"{result['repeats']} interleaved rounds; phase {result['phase_seconds']:.0f} s")
+    return [*rows, "", note]
+
+
+def _attention_markdown(result: dict[str, Any]) -> list[str]:
     rows = ["| attention | ms | vs SDPA |", "|---|---|---|"]
     rows += [f"| {n} | {s * 1e3:.2f} | {result['speedup_vs_sdpa'][n]:.2f}x |" for n, s in result["seconds"].items()]
-    return rows + ["", f"{result['tokens']} tokens, block {result['block_size']}; max |gather - flex| "
-                       f"{result['max_abs_gather_vs_flex']:.2e}; phase {result['phase_seconds']:.0f} s"]
+    note = (f"{result['tokens']} tokens, block {result['block_size']}; max |gather - flex| "
+            f"{result['max_abs_gather_vs_flex']:.2e}; phase {result['phase_seconds']:.0f} s")
+    return [*rows, "", note]
 
 
 def run_phases(phases: list[tuple[str, float, Callable[[], dict]]], budget_s: float, report: dict,
@@ -212,7 +238,7 @@ def run_phases(phases: list[tuple[str, float, Callable[[], dict]]], budget_s: fl
         else:
             try:
                 report["phases"][name] = phase()
-            except Exception:  # a check reports what broke, and the next phase still runs
+            except Exception:  # noqa: BLE001 -- a check reports what broke, and the next phase still runs
                 report["phases"][name] = {"error": traceback.format_exc()}
         report["phases"][name]["phase_seconds"] = time.perf_counter() - tic
         print(f"{name}: {time.perf_counter() - tic:.0f} s", flush=True)
@@ -234,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     phases = [("attention: SDPA vs sparse", 30 if gpu else 60, lambda: attention_check(scale)),
               ("profile sd3-medium", 150 if gpu else 300, lambda: profile_check("sd3-medium", scale)),
               ("profile flux-dev", 200 if gpu else 400, lambda: profile_check("flux-dev", scale)),
-              ("controllers on flux-dev", 90 if gpu else 400, lambda: controllers_check(scale))]
+              ("controllers on flux-dev", 150 if gpu else 600, lambda: controllers_check(scale))]
     run_phases(phases, args.budget_s, report, args.out, scale)
     print((args.out / "gpu_check.md").read_text())
     return 0

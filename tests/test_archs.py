@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rapid3.backbones.archs import ARCHS, build_transformer, get_arch, parameter_count, random_arch_setup
+from rapid3.backbones.archs import build_transformer, get_arch, parameter_count, random_arch_setup
 
 
 @pytest.mark.parametrize(("name", "billions"), [("sd3-medium", 2.03), ("sd3.5-large", 8.06), ("flux-dev", 11.90)])
@@ -11,6 +11,7 @@ def test_published_sizes_on_meta(name, billions):
     model = build_transformer(name, device="meta")
     assert next(model.parameters()).device.type == "meta"  # nothing allocated
     assert parameter_count(model) / 1e9 == pytest.approx(billions, abs=0.01)
+    assert parameter_count(model) == pytest.approx(get_arch(name).published_params, rel=0.02)  # 2B, 8.1B, 11.9B
 
 
 def test_fewer_layers_keep_the_width_and_flux_split():

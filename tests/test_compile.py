@@ -86,9 +86,10 @@ def test_uncompile_restores_eager_blocks(fresh_dynamo):
 
 
 def test_accelerate_compile_flag_compiles_the_blocks_and_removal_restores(fresh_dynamo):
+    from tiny_pipelines import tiny_sd3_pipeline
+
     import rapid3
     from rapid3.accel.controllers import FullCompute
-    from tiny_pipelines import tiny_sd3_pipeline
 
     pipe = tiny_sd3_pipeline()
     forward = pipe.transformer.transformer_blocks[0].forward

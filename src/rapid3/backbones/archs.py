@@ -10,8 +10,9 @@ published sizes.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
@@ -73,21 +74,21 @@ _FLUX_SCHEDULER = {"shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5
 
 ARCHS: dict[str, Arch] = {a.name: a for a in (
     # stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
-    Arch("sd3-medium", "sd3", dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=192), text_tokens=77 + 256, branches=2, scheduler=_SD3_SCHEDULER, published_params=2.0e9),
+    Arch("sd3-medium", "sd3", {
+        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+        "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+        "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 192}, text_tokens=77 + 256, branches=2, scheduler=_SD3_SCHEDULER, published_params=2.0e9),
     # stabilityai/stable-diffusion-3.5-large, transformer/config.json (QK RMS-norm, no dual attention)
-    Arch("sd3.5-large", "sd3", dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
-        num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
-        pos_embed_max_size=192, qk_norm="rms_norm"), text_tokens=77 + 256, branches=2, scheduler=_SD3_SCHEDULER,
+    Arch("sd3.5-large", "sd3", {
+        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 38,
+        "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
+        "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "qk_norm": "rms_norm"}, text_tokens=77 + 256, branches=2, scheduler=_SD3_SCHEDULER,
         published_params=8.1e9),
     # black-forest-labs/FLUX.1-dev, transformer/config.json
-    Arch("flux-dev", "flux", dict(
-        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56)), text_tokens=512, branches=1, scheduler=_FLUX_SCHEDULER,
+    Arch("flux-dev", "flux", {
+        "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+        "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+        "axes_dims_rope": (16, 56, 56)}, text_tokens=512, branches=1, scheduler=_FLUX_SCHEDULER,
         published_params=11.9e9),
 )}
 
@@ -150,7 +151,7 @@ def random_inputs(backbone: SD3Backbone | FluxBackbone, *, resolution: int, text
     device = next(backbone.transformer.parameters()).device
     # On meta (shapes only, e.g. counting FLOPs of a full-size model) there is nothing to seed.
     generator = None if device.type == "meta" else torch.Generator(device).manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=generator, device=device)  # noqa: E731
+    randn = lambda *shape: torch.randn(*shape, generator=generator, device=device)
     side = resolution // VAE_SCALE
 
     def conditioning() -> Conditioning:

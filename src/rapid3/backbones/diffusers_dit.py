@@ -18,8 +18,9 @@ sparsity level (the block is an argument, its parameters graph inputs, the batch
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
