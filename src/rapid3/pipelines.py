@@ -32,7 +32,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusi
 from diffusers.utils.torch_utils import get_module_execution_device
 
 from .accel.actions import Controller
-from .accel.costs import SampleStats
+from .accel.costs import MeasuredStepCosts, SampleStats
 from .accel.sampler import Sampler
 from .accel.solvers import check_solver
 from .backbones import ADAPTERS, Conditioning, backbone_for
@@ -167,15 +167,20 @@ class AcceleratedPipeline:
             ``records``); `None` before the first call.
         last_step_cap (`int` or `None`): The step cap (``num_inference_steps``) of the last completed call.
         solver (`str`): How the sampler loop integrates each step ("euler" or "multistep2").
+        step_costs ([`~accel.costs.MeasuredStepCosts`] or `None`): What equivalent steps count: `None` for
+            FLOPs, or each action's measured cost (e.g. a ``rapid3 profile`` of the deployment machine).
     """
 
     def __init__(self, pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Controller,
-                 solver: str | None = None) -> None:
+                 solver: str | None = None, *, compile: bool = False) -> None:
         self._family = _check_can_accelerate(pipe, controller, solver)
         self.pipe, self.controller, self.solver = pipe, controller, solver or "euler"
         self.last_stats: SampleStats | None = None
         self.last_step_cap: int | None = None
         self.backbone = backbone_for(pipe.transformer, pipe.scheduler)
+        self.step_costs: MeasuredStepCosts | None = None
+        if compile:
+            self.backbone.compile_blocks()
         pipe.__class__ = _accelerated_class(self._family.pipeline_class, self)
 
     @property
@@ -219,7 +224,8 @@ class AcceleratedPipeline:
         denoising = self._family.prepare(pipe, call, pipe._execution_device)
         # Honour set_progress_bar_config(disable=True), which the pipeline keeps in this attribute.
         progress = not getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-        sampler = Sampler(self.backbone, step_cap=call["num_inference_steps"], progress=progress, solver=self.solver)
+        sampler = Sampler(self.backbone, step_cap=call["num_inference_steps"], progress=progress, solver=self.solver,
+                          step_costs=self.step_costs)
         result = sampler.sample(denoising.latents, denoising.cond, self.controller, uncond=denoising.uncond,
                                 guidance_scale=denoising.guidance_scale)
         self.last_stats, self.last_step_cap = result.stats, call["num_inference_steps"]
@@ -260,7 +266,7 @@ class AcceleratedPipeline:
 
 
 def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Controller, *,
-               solver: str | None = None) -> AcceleratedPipeline:
+               solver: str | None = None, compile: bool = False) -> AcceleratedPipeline:
     r"""
     Make ``pipe(...)`` denoise with rapid3's sampler loop, driven by ``controller``.
 
@@ -284,6 +290,10 @@ def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Contro
             the ``FlowMatchEulerDiscreteScheduler`` that the loop reproduces; naming a solver also accepts
             diffusers' other flow-matching schedulers, whose time schedule (shift) is then kept and whose
             update rule is replaced by the named solver.
+        compile (`bool`, defaults to `False`):
+            Run the transformer blocks under ``torch.compile`` (inductor). The first calls compile one
+            graph per block kind and sparsity level; after that, images switching actions and sub-batch
+            sizes changing recompile nothing, and the hooks add no graph break inside a block.
 
     Returns:
         [`AcceleratedPipeline`]: The handle: per-call statistics (``last_stats``,
@@ -309,7 +319,7 @@ def accelerate(pipe: StableDiffusion3Pipeline | FluxPipeline, controller: Contro
         >>> handle.speedup_estimate  # about 2 for every other step reused
         ```
     """
-    return AcceleratedPipeline(pipe, controller, solver)
+    return AcceleratedPipeline(pipe, controller, solver, compile=compile)
 
 
 def _check_can_accelerate(pipe: Any, controller: Controller, solver: str | None) -> _Family:

@@ -108,6 +108,9 @@ class _Run:
         return float((non_attention + attention) * len(self.branches))
 
     def step(self) -> tuple[Observation, Actions]:
+        """One step of every running sample. The bookkeeping (times, step counts, cache flags, accounting)
+        lives on the host, so the device is read once a step: the controller's actions, in one copy
+        (none when it decides on the host); on CUDA, timing adds one synchronisation per sub-batch."""
         active = (self.t > 0).nonzero().squeeze(1)
         obs = self._observe(active)
         tic = _clock(self.x)
@@ -161,14 +164,17 @@ class _Run:
             shape = tuple(getattr(actions, field_name).shape)
             if shape != (n,):
                 raise ValueError(f"{name} returned {field_name} of shape {shape}; expected ({n},), one per sample.")
-        next_t = actions.next_t.double()
-        if not bool(torch.isfinite(next_t).all()) or bool((next_t < 0).any()) or bool((next_t >= obs.t).any()):
-            raise ValueError(f"{name} returned next_t outside [0, t): every step must move strictly toward t = 0.")
-        level = actions.level.long()
-        if bool(((level < 0) | (level > NUM_SPARSE_LEVELS)).any()):
-            raise ValueError(f"{name} returned a sparsity level outside 0..{NUM_SPARSE_LEVELS}: {level.tolist()}.")
-        reuse = actions.reuse.bool()
-        if bool((reuse & ~obs.has_cache).any()):
+        next_t, reuse, level = _on_host(actions)
+        bad_time = ~torch.isfinite(next_t) | (next_t < 0) | (next_t >= obs.t)
+        bad_level = (level < 0) | (level > NUM_SPARSE_LEVELS)
+        no_cache = reuse & ~obs.has_cache
+        if bool((bad_time | bad_level | no_cache).any()):  # one read when all is well
+            if bool(bad_time.any()):
+                raise ValueError(f"{name} returned next_t outside [0, t): every step must move strictly toward "
+                                 "t = 0.")
+            if bool(bad_level.any()):
+                raise ValueError(f"{name} returned a sparsity level outside 0..{NUM_SPARSE_LEVELS}: "
+                                 f"{level.tolist()}.")
             raise ValueError(f"{name} asked to reuse the cache for samples that have none yet (their first step).")
         mode = self._check_order(actions, obs, reuse)
         last = (obs.step_index + 1 >= self.step_cap) | (next_t < self.schedule.t_min / 2)
@@ -230,11 +236,21 @@ class _Run:
             equivalent = self.step_costs.of(reuse, level, order) + self.probe_flops[idx] / self.stats.full_step_flops
         for pending in (self.probe_flops, self.probe_seconds, self.probe_blocks):
             pending[idx] = 0
-        for i, sample in enumerate(idx.tolist()):
+        columns = zip(idx.tolist(), t.tolist(), next_t.tolist(), blocks.tolist(), flops.tolist(),
+                      equivalent.tolist(), seconds.tolist())  # host tensors, read once per sub-batch
+        for sample, t_i, next_i, blocks_i, flops_i, equivalent_i, seconds_i in columns:
             self.stats.add(sample, StepRecord(
-                t=float(t[i]), next_t=float(next_t[i]), reuse=reuse, level=level, blocks=int(blocks[i]),
-                flops=float(flops[i]), attention_flops=attention_flops, equivalent_steps=float(equivalent[i]),
-                seconds=float(seconds[i]), order=order))
+                t=t_i, next_t=next_i, reuse=reuse, level=level, blocks=blocks_i, flops=flops_i,
+                attention_flops=attention_flops, equivalent_steps=equivalent_i, seconds=seconds_i, order=order))
+
+
+def _on_host(actions: Actions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(next_t float64, reuse bool, level long) on the host, copied in one transfer: the one device read
+    a step needs, since grouping samples into sub-batches is decided in Python."""
+    parts = (actions.next_t, actions.reuse, actions.level)
+    device = next((p.device for p in parts if p.device.type != "cpu"), torch.device("cpu"))
+    host = torch.stack([p.to(device, torch.float64) for p in parts]).cpu()
+    return host[0], host[1].bool(), host[2].long()
 
 
 def _clock(reference: torch.Tensor) -> float:

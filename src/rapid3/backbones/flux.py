@@ -42,7 +42,6 @@ class SparseFluxAttnProcessor:
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
         query, key, value = (t.permute(0, 2, 1, 3) for t in (query, key, value))  # (B, H, N, D)
-        self.state.count_attention(query, n_txt)
         out = sparse_attention(query, key, value, level=self.state.level, n_txt=n_txt, txt_first=True)
         out = out.permute(0, 2, 1, 3).flatten(2, 3).to(query.dtype)
 

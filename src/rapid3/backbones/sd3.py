@@ -36,7 +36,6 @@ class SparseJointAttnProcessor:
                              attn.norm_added_q, attn.norm_added_k)
             query, key, value = (torch.cat([a, b], dim=2) for a, b in zip((query, key, value), context))
 
-        self.state.count_attention(query, n_txt)
         out = sparse_attention(query, key, value, level=self.state.level, n_txt=n_txt, txt_first=False)
         out = out.transpose(1, 2).reshape(out.shape[0], -1, attn.heads * out.shape[-1]).to(query.dtype)
 

@@ -176,7 +176,9 @@ def _tables(layout: BlockLayout, device: torch.device) -> _Tables:
     block_tokens = (layout.n_img - blocks * layout.block_size).clamp(max=layout.block_size)
     image = torch.arange(layout.n_img, device=device)
     group_of_token = group_of_block[image // layout.block_size]
-    rows = int((ends - starts).max())
+    # From the layout's Python ints, not `(ends - starts).max()`: a tensor read here would be a host
+    # sync, and a graph break inside a compiled block.
+    rows = max(end - start for start, end in layout.group_bounds)
     # Every group is padded to the longest one so that all groups run as one SDPA batch; padded
     # rows repeat the group's last query and `unpad` drops their outputs.
     query_rows = torch.minimum(starts[:, None] + torch.arange(rows, device=device), ends[:, None] - 1)

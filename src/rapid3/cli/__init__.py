@@ -1,5 +1,5 @@
 """The ``rapid3`` command line: one module per command (``info`` and ``demo``, ``generate``, ``train``,
-``bench``, ``embedded``), each adding its parser with ``add(sub)``; ``main`` turns the errors a user can fix into one line."""
+``bench``, ``embedded``, ``profile``), each adding its parser with ``add(sub)``; ``main`` turns the errors a user can fix into one line."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import signal
 import sys
 
 from .. import __version__
-from . import bench, embedded, generate, info, train
+from . import bench, embedded, generate, info, profile, train
 
 COMMANDS = [info.add_info, info.add_demo, generate.add_generate, train.add_train, bench.add_bench,
-            embedded.add_embedded]
+            embedded.add_embedded, profile.add_profile]
 
 
 def build_parser() -> argparse.ArgumentParser:

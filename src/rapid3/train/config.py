@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ..accel.costs import MeasuredStepCosts
+from ..accel.profile import CostProfile
 from ..common.knobs import knob
 from ..common.limits import check_finite, check_seed
 from ..policy.config import PolicyConfig
@@ -81,7 +83,9 @@ class TrainConfig(PolicyConfig):
     step_costs: str = knob("flops", "what the equivalent steps K of the discount count: 'flops' (each action's FLOPs "
                                     "over a dense step's) or 'measured' (its wall-clock over a dense step's, timed "
                                     "once on this machine at the start of the run; for where FLOPs and time disagree, "
-                                    "as sparse attention at a few hundred tokens on a CPU; embedded model only)")
+                                    "as sparse attention at a few hundred tokens on a CPU; embedded model only), or "
+                                    "a `rapid3 profile` JSON file: each action's time on the profiled machine over "
+                                    "a full step's, so K prices actions as the target machine pays them)")
     lam: float = knob(0.97, "compute discount lambda in (0, 1): the speed/quality knob; smaller is faster")
     omega: float = knob(1.0, "weight of the discriminator score d in the reward")
     psi: float = knob(1.0, "weight of the fidelity term f in the reward (with an f reward)")
@@ -134,8 +138,9 @@ class TrainConfig(PolicyConfig):
         if not set(terms) <= set(REWARD_TERMS) or len(set(terms)) != len(terms):
             raise ValueError(f"reward must join distinct terms of {', '.join(REWARD_TERMS)} with '+' (e.g. 'q+d', "
                              f"'q+d+f', 'd'); got {self.reward!r}.")
-        if self.step_costs not in STEP_COSTS:
-            raise ValueError(f"step_costs must be one of {', '.join(STEP_COSTS)}; got {self.step_costs!r}.")
+        if self.step_costs not in STEP_COSTS and not self.step_costs.endswith(".json"):
+            raise ValueError(f"step_costs must be one of {', '.join(STEP_COSTS)} or a profile .json; "
+                             f"got {self.step_costs!r}.")
         if self.disc_warmup < 0:
             raise ValueError(f"disc_warmup must be >= 0, got {self.disc_warmup}.")
         if not 0 < self.lam < 1:
@@ -171,6 +176,12 @@ class TrainConfig(PolicyConfig):
         for name in ("height", "width"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+
+    def profiled_step_costs(self) -> MeasuredStepCosts | None:
+        """The step costs of the ``rapid3 profile`` file ``step_costs`` names (None for 'flops', 'measured')."""
+        if self.step_costs in STEP_COSTS:
+            return None
+        return CostProfile.load(self.step_costs).step_costs()
 
     @property
     def reward_terms(self) -> list[str]:

@@ -294,6 +294,8 @@ def build_run(cfg: TrainConfig, *, resume: bool = False, world: World | None = N
     elif cfg.step_costs == "measured":  # a batch the size of one rollout group, both CFG branches
         prompts, _ = source.training_prompts(np.random.default_rng(cfg.seed), cfg.group_size)
         source.generator.step_costs = source.generator.measure_step_costs(prompts)
+    if cfg.profiled_step_costs() is not None:  # a profile file: read again on resume (step_costs is fixed)
+        source.generator.step_costs = cfg.profiled_step_costs()
     return run
 
 

@@ -52,7 +52,6 @@ class PipelineGenerator:
     default_guidance = None  # the pipeline's own
     preview_scale = 1
     default_batch = 1  # one megapixel image at a time: what a GPU's memory allows for every model size
-    step_costs = None  # FLOPs: measuring each action's time is implemented for the embedded model only
 
     def __init__(self, pipe: StableDiffusion3Pipeline | FluxPipeline, *, height: int | None = None,
                  width: int | None = None, image_size: int | None = None) -> None:
@@ -65,6 +64,15 @@ class PipelineGenerator:
                         **kwargs) -> PipelineGenerator:
         """:func:`load_pipeline` then the generator (``kwargs``: ``height``, ``width``, ``image_size``)."""
         return cls(load_pipeline(path, device=device, dtype=dtype), **kwargs)
+
+    @property
+    def step_costs(self) -> MeasuredStepCosts | None:
+        """What equivalent steps count (None: FLOPs); set from a ``rapid3 profile`` by the trainer."""
+        return self.handle.step_costs
+
+    @step_costs.setter
+    def step_costs(self, costs: MeasuredStepCosts | None) -> None:
+        self.handle.step_costs = costs
 
     def sample(self, prompts: list[str], seeds: list[int], controller: Controller, *, step_cap: int,
                guidance_scale: float | None, keep_trace: bool = False, progress: bool = False) -> Generation:
