@@ -85,7 +85,8 @@ class _Run:
                  schedule: TimeSchedule, controller: Controller) -> None:
         self.backbone, self.step_cap, self.step_costs = sampler.backbone, sampler.step_cap, sampler.step_costs
         self.solver = sampler.solver
-        self.branches, self.guidance_scale, self.schedule, self.controller = branches, guidance_scale, schedule, controller
+        self.branches, self.guidance_scale = branches, guidance_scale
+        self.schedule, self.controller = schedule, controller
         batch = noise.shape[0]
         self.x = noise.float().clone()
         self.t = torch.ones(batch, dtype=torch.float64)
@@ -118,8 +119,10 @@ class _Run:
         controller_seconds = (_clock(self.x) - tic) / len(active)
         next_t, mode, level = self._validate(actions, obs)
         velocity = torch.empty_like(obs.latents)
-        for group_mode, group_level in sorted({(int(m), int(lv)) for m, lv in zip(mode, level)}):
-            rows = ((mode == group_mode) & (level == group_level)).nonzero().squeeze(1)
+        group_of_row = mode.long() * (NUM_SPARSE_LEVELS + 1) + level  # one read of the groups, not one per row
+        for group in torch.unique(group_of_row).tolist():
+            group_mode, group_level = divmod(group, NUM_SPARSE_LEVELS + 1)
+            rows = (group_of_row == group).nonzero().squeeze(1)
             velocity[rows] = self._run_group(active[rows], obs.t[rows], next_t[rows], group_mode, group_level,
                                              controller_seconds)
         self._advance(active, obs, next_t, velocity)
