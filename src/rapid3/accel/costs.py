@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 import torch
 
@@ -120,17 +121,22 @@ class MeasuredStepCosts:
         return cls(relative, {int(row[3]): float(row[2]) for row in rows if len(row) == 4})
 
 
-def interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per runner; each round runs every runner once, after one warm-up round,
-    so machine drift hits all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in runners}
+def interleaved_times(runners: dict[Any, Callable[[], object]], repeats: int) -> dict[Any, list[float]]:
+    """Seconds of each runner per round; each round runs every runner once, after one warm-up round (which
+    also compiles), so machine drift hits all of them alike."""
+    times: dict[Any, list[float]] = {name: [] for name in runners}
     for round_index in range(repeats + 1):
         for name, run in runners.items():
             tic = time.perf_counter()
             run()
             if round_index:
                 times[name].append(time.perf_counter() - tic)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per runner of :func:`interleaved_times`."""
+    return {name: statistics.median(t) for name, t in interleaved_times(runners, repeats).items()}
 
 
 @torch.no_grad()

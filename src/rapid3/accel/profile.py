@@ -20,7 +20,7 @@ import torch
 
 from ..backbones.base import Conditioning
 from ..backbones.sparse_attention import NUM_SPARSE_LEVELS, keep_fraction
-from .costs import MeasuredStepCosts
+from .costs import MeasuredStepCosts, interleaved_times
 
 FORMAT = "rapid3-profile/1"
 MODES = ("eager", "compiled")
@@ -144,19 +144,6 @@ def _synced(run: Callable[[], object], device: torch.device) -> Callable[[], obj
     return timed
 
 
-def _interleaved_times(runners: dict[Any, Callable[[], object]], repeats: int) -> dict[Any, list[float]]:
-    """Seconds of each runner per round, every runner once a round after one warm-up round (which also
-    compiles), so drift of a shared machine hits all of them alike."""
-    times: dict[Any, list[float]] = {name: [] for name in runners}
-    for round_index in range(repeats + 1):
-        for name, run in runners.items():
-            tic = time.perf_counter()
-            run()
-            if round_index:
-                times[name].append(time.perf_counter() - tic)
-    return times
-
-
 @torch.no_grad()
 def profile_backbone(backbone, latents: torch.Tensor, cond: Conditioning, *, branches: int, repeats: int = 5,
                      compile: bool = True, compile_backend: str = "inductor", actions: list[Action] | None = None,
@@ -184,7 +171,7 @@ def profile_backbone(backbone, latents: torch.Tensor, cond: Conditioning, *, bra
     modes = list(MODES if compile else MODES[:1])
     compile_seconds = _compile(backbone, [step(a) for a in actions], compile_backend) if compile else None
     runners = {(mode, a.name): _in_mode(backbone, mode, compile_backend, step(a)) for a in actions for mode in modes}
-    times = _interleaved_times(runners, repeats)
+    times = interleaved_times(runners, repeats)
     backbone.uncompile_blocks()
     profiles = []
     for a in actions:
