@@ -155,8 +155,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     world = build_world(dataclasses.replace(world_config(args), reward_model=args.reward_model,
                                             quality=args.reward_model is not None))
-    policy.check_backbone(world.generator.backbone)
-    policy.to(world.generator.backbone.device)
+    policy.place_on(world.generator.backbone)
     settings = SideBySideSettings(step_cap=args.steps, guidance_scale=args.guidance, batch=args.batch or 4)
     metrics = side_by_side(world.generator, policy, prompts, settings, world.quality)
     run_settings = {"pipeline": args.pipeline, "policy": args.policy, "prompts": len(prompts), "steps": args.steps,

@@ -67,8 +67,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     policy = None if args.policy is None else load_policy(args.policy)
     generator = build_world(world_config(args)).generator
     if policy is not None:
-        policy.check_backbone(generator.backbone)
-        policy.to(generator.backbone.device)
+        policy.place_on(generator.backbone)
     _write_images(paths, _generate(generator, args, prompts, policy))
     return 0
 

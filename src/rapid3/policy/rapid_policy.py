@@ -95,6 +95,11 @@ class RapidPolicy(ModelMixin, ConfigMixin):
         self.sparse_head = heads.sparse_head(width, num_sparse_levels, init_dense_prob) if sparse_attention else None
         self.sampling = False
 
+    def place_on(self, backbone: DiffusersDiT) -> RapidPolicy:
+        """:meth:`check_backbone`, then this policy moved to the backbone's device; returns it."""
+        self.check_backbone(backbone)
+        return self.to(backbone.device)
+
     @classmethod
     def for_backbone(cls, backbone: DiffusersDiT, **config) -> RapidPolicy:
         """A fresh policy shaped for a diffusers backbone adapter (``SD3Backbone``, ``FluxBackbone``)."""
