@@ -102,7 +102,8 @@ def _check_image_count(args: argparse.Namespace) -> None:
 
     sized = BenchConfig.create(quick=args.quick, prompts=args.prompts, singles=args.singles)
     if sized.prompts + sized.singles < 2:
-        raise ValueError(f"--prompts {sized.prompts} and --singles {sized.singles} give {sized.prompts + sized.singles} "
+        total = sized.prompts + sized.singles
+        raise ValueError(f"--prompts {sized.prompts} and --singles {sized.singles} give {total} "
                          "images; the bench needs at least 2 (its Frechet distance compares two sets of images).")
 
 
